@@ -1,0 +1,50 @@
+"""Re-evaluate a finished train.py run: reload its float model and config, run its recipe (or the
+one given here, at any bit-width), print and log the same figures. The run folder is only read;
+results go to this command's own output folder.
+
+    python evaluate.py run_dir=outputs/2026-11-23/12-00-00-none-b4-s0
+    python evaluate.py run_dir=... quant=ptq bits=3
+"""
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("LSTM_QAT_REPO", os.path.dirname(os.path.abspath(__file__)))
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from qat.config import exit_on_config_error, logger_spec, run_spec
+from qat.experiment import load_run, run_experiment
+from qat.tracking import start_run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@exit_on_config_error
+def main(cfg: DictConfig) -> None:
+    saved = load_run(cfg.run_dir)
+    config = OmegaConf.to_container(OmegaConf.load(os.path.join(cfg.run_dir, ".hydra", "config.yaml")), resolve=True)
+    config["verbose"] = cfg.verbose
+    if cfg.get("quant") is not None:
+        config["quant"] = OmegaConf.to_container(cfg.quant, resolve=True)
+    for key in ("bits", "act_bits", "state_bits"):
+        if cfg.get(key) is not None:
+            config[key] = cfg[key]
+    spec = run_spec(config)
+    out_dir = HydraConfig.get().runtime.output_dir
+    # The run's own W&B project / group / tags, so the evaluation sits next to it; mode from here.
+    logger = {**config["logger"], "mode": cfg.logger.mode, "job_type": "evaluate"}
+    tracker = start_run(logger_spec({"logger": logger}), out_dir, {**config, "source_run": cfg.run_dir},
+                        name=f"eval-{os.path.basename(os.path.normpath(cfg.run_dir))}")
+    try:
+        s = run_experiment(spec, out_dir, tracker, float_from=cfg.run_dir)
+    finally:
+        tracker.finish()
+    print(f"run {cfg.run_dir} ({saved['method']} bits={saved['bits']}): saved float acc "
+          f"{100 * saved['float/test_acc']:.2f}%, saved quant acc {100 * saved['quant/test_acc']:.2f}%")
+    print(f"re-evaluated ({s['method']} bits={s['bits']}): float acc {100 * s['float/test_acc']:.2f}% "
+          f"| quant acc {100 * s['quant/test_acc']:.2f}% | degradation {s['quant/degradation']:+.2f} pts | {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""One experiment: features -> float model (trained or reused) -> recipe -> evaluation -> summary.
+
+This is the library side of `train.py` and `evaluate.py`: plain typed arguments, no Hydra.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from qat import ConfigError
+from qat.checkpoints import MODEL_FILE, cached_float_model, digest, load_model_dir, save_model_dir
+from qat.data import DataSpec
+from qat.features import Features, FeatureSpec, load_features, normalization_stats
+from qat.metrics import evaluate, plot_confusion
+from qat.models import ModelSpec, build_model
+from qat.recipes import RecipeSpec, run_recipe
+from qat.tracking import Tracker
+from qat.training import TrainSpec, fit, set_seed
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+FLOAT_DIR = "float"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one run needs, already validated."""
+
+    data: DataSpec = field(default_factory=DataSpec)
+    features: FeatureSpec = field(default_factory=FeatureSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    trainer: TrainSpec = field(default_factory=TrainSpec)
+    recipe: RecipeSpec = field(default_factory=RecipeSpec)
+    seed: int = 0
+    cache_dir: Optional[str] = None
+    verbose: int = 0
+
+    def float_key(self, features_key: str) -> str:
+        """What determines the float model: features, model, trainer (but not reuse) and seed."""
+        trainer = asdict(self.trainer)
+        trainer.pop("reuse_float")
+        return digest({"features": features_key, "model": asdict(self.model), "trainer": trainer,
+                       "normalize": self.features.normalize, "seed": self.seed})
+
+
+def write_json_atomic(path: Path, obj: Dict[str, Any]) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def train_float(spec: RunSpec, feats: Features, tracker: Tracker):
+    """Build and train the float model from scratch with the run's seed."""
+    set_seed(spec.seed)
+    mean = var = None
+    if spec.features.normalize:
+        mean, var = normalization_stats(feats.x["train"])
+    model = build_model(feats.input_shape, len(feats.class_names), spec.model, mean, var)
+    start = time.perf_counter()
+    result = fit(model, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], spec.trainer,
+                 verbose=spec.verbose,
+                 on_epoch=lambda e, logs: tracker.log({f"float/train/{k}": v for k, v in logs.items()} |
+                                                      {"float/epoch": e + 1}))
+    result["train_seconds"] = time.perf_counter() - start
+    return model, result
+
+
+def float_model(spec: RunSpec, feats: Features, run_dir: Path, tracker: Tracker):
+    """The float model of this data/model/trainer/seed: reused from the cache or trained, and saved
+    into the run directory either way. Returns (model, info, reused)."""
+    key = spec.float_key(feats.key)
+    model, info, reused = cached_float_model(spec.cache_dir, key, lambda: train_float(spec, feats, tracker),
+                                             reuse=spec.trainer.reuse_float)
+    info = {**info, "key": key}
+    save_model_dir(model, info, run_dir / FLOAT_DIR)
+    return model, info, reused
+
+
+def evaluate_model(model, feats: Features, prefix: str, run_dir: Path) -> Dict[str, Any]:
+    """Validation and test figures of one model, with a confusion-matrix PNG; keys `<prefix>/...`."""
+    test = evaluate(model, feats.x["test"], feats.y["test"], feats.class_names)
+    val = evaluate(model, feats.x["val"], feats.y["val"], feats.class_names)
+    png = plot_confusion(test["confusion"], feats.class_names, str(run_dir / f"confusion_{prefix}.png"),
+                         f"{prefix} model, test set (acc {100 * test['acc']:.1f}%)")
+    out = {f"{prefix}/test_acc": test["acc"], f"{prefix}/test_balanced_acc": test["balanced_acc"],
+           f"{prefix}/test_macro_f1": test["macro_f1"], f"{prefix}/val_acc": val["acc"],
+           f"{prefix}/test_n": test["n"], f"{prefix}/confusion_png": png}
+    out.update({f"{prefix}/class_acc/{name}": acc for name, acc in test["per_class_acc"].items()})
+    out[f"{prefix}/confusion"] = test["confusion"]
+    return out
+
+
+def float_size_bytes(model) -> int:
+    """Bytes of the weights stored as float32."""
+    return int(sum(np.prod(w.shape) for w in model.weights) * 4)
+
+
+def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Optional[str] = None) -> Dict[str, Any]:
+    """Run one recipe end to end and write `summary.json` into `run_dir`. Returns the summary.
+
+    `float_from`: the folder of an earlier run whose float model is used as it is (evaluate.py);
+    otherwise the float model comes from the cache or is trained.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    feats = load_features(spec.data, spec.features, spec.cache_dir)
+    t_features = time.perf_counter() - t0
+    if float_from is not None:
+        model, info = load_model_dir(Path(float_from) / FLOAT_DIR)
+        reused = True
+    else:
+        model, info, reused = float_model(spec, feats, run_dir, tracker)
+    summary: Dict[str, Any] = {
+        "method": spec.recipe.method, "bits": spec.recipe.bits, "act_bits": spec.recipe.act_bits,
+        "state_bits": spec.recipe.state_bits, "seed": spec.seed, "data": spec.data.name,
+        "task": spec.data.task if spec.data.name == "speech_commands" else spec.data.name,
+        "classes": feats.class_names,
+        "n_train": len(feats.y["train"]), "n_val": len(feats.y["val"]), "n_test": len(feats.y["test"]),
+        "float/reused": reused, "float/epochs": info["epochs"], "float/best_epoch": info["best_epoch"],
+        "float/sec_per_epoch": info["sec_per_epoch"], "float/params": int(model.count_params()),
+        "float/size_bytes": float_size_bytes(model), "time/features_s": t_features,
+    }
+    summary.update(evaluate_model(model, feats, "float", run_dir))
+    t1 = time.perf_counter()
+    result = run_recipe(spec.recipe, model, feats, spec.trainer, spec.seed, run_dir, tracker, spec.verbose)
+    summary["time/recipe_s"] = time.perf_counter() - t1
+    summary.update(result.summary)
+    if result.model is model:
+        quant = {k.replace("float/", "quant/", 1): v for k, v in summary.items() if k.startswith("float/")
+                 and k.split("/", 1)[1].startswith(("test_", "val_", "class_acc/", "confusion"))}
+    else:
+        quant = evaluate_model(result.model, feats, "quant", run_dir)
+    summary.update(quant)
+    summary.setdefault("quant/size_bytes", summary["float/size_bytes"])
+    summary["quant/degradation"] = 100.0 * (summary["float/test_acc"] - summary["quant/test_acc"])
+    summary["quant/balanced_degradation"] = 100.0 * (summary["float/test_balanced_acc"]
+                                                     - summary["quant/test_balanced_acc"])
+    summary["time/total_s"] = time.perf_counter() - t0
+    write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    log_summary(tracker, summary)
+    return summary
+
+
+def log_summary(tracker: Tracker, summary: Dict[str, Any]) -> None:
+    """Scalars to the W&B summary, confusion matrices as images."""
+    tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None})
+    for prefix in ("float", "quant"):
+        png = summary.get(f"{prefix}/confusion_png")
+        if png and os.path.exists(png):
+            tracker.image(f"{prefix}/confusion_matrix", png)
+
+
+def load_run(run_dir: str) -> Dict[str, Any]:
+    """The summary of a finished run; a clear error for a missing or foreign folder."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"run_dir={run_dir!r} is not a folder: expected the output folder of a train.py run")
+    missing = [p for p in (SUMMARY_FILE, f"{FLOAT_DIR}/{MODEL_FILE}", ".hydra/config.yaml")
+               if not (path / p).exists()]
+    if missing:
+        raise ConfigError(f"run_dir={run_dir!r} is not a finished train.py run: missing {', '.join(missing)}")
+    return json.loads((path / SUMMARY_FILE).read_text())

@@ -1,0 +1,155 @@
+"""The front end: waveforms -> STFT magnitude frames, as in the study, with optional mel filterbank
+and log compression; features are cached per data set + feature config."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from qat import ConfigError
+from qat.data import SPLITS, DataSpec, list_files, load_waveforms
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """STFT settings (the study's: 480 / 320 / 512 on 16 kHz, magnitude) and optional extras."""
+
+    frame_length: int = 480
+    frame_step: int = 320
+    fft_length: int = 512
+    mel_bins: int = 0          # 0: the linear STFT bins (the study); >0: a mel filterbank of that size
+    log: bool = False          # log(x + log_offset) compression
+    log_offset: float = 1e-6
+    normalize: bool = False    # per-frequency mean / variance, fitted on the training part (in the model)
+
+    def __post_init__(self):
+        for name in ("frame_length", "frame_step", "fft_length"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"features.{name}={getattr(self, name)!r} is not allowed: expected a positive integer")
+        if self.fft_length < self.frame_length:
+            raise ConfigError(f"features.fft_length={self.fft_length} is not allowed: expected >= "
+                              f"features.frame_length={self.frame_length}")
+        if int(self.mel_bins) < 0 or int(self.mel_bins) > self.fft_length // 2 + 1:
+            raise ConfigError(f"features.mel_bins={self.mel_bins!r} is not allowed: expected 0 (linear bins) "
+                              f"or 1..{self.fft_length // 2 + 1}")
+        if self.log_offset <= 0:
+            raise ConfigError(f"features.log_offset={self.log_offset!r} is not allowed: expected > 0")
+
+    def shape(self, num_samples: int) -> Tuple[int, int]:
+        """(frames, bins) of one clip."""
+        frames = 1 + (num_samples - self.frame_length) // self.frame_step
+        return frames, (self.mel_bins or self.fft_length // 2 + 1)
+
+
+def features_tf(waves, spec: FeatureSpec, sample_rate: int):
+    """TensorFlow front end for a [batch, samples] float tensor -> [batch, frames, bins]; usable inside
+    tf.data pipelines (augmentation) and for export."""
+    import tensorflow as tf
+
+    stft = tf.signal.stft(waves, frame_length=spec.frame_length, frame_step=spec.frame_step,
+                          fft_length=spec.fft_length)
+    x = tf.abs(stft)
+    if spec.mel_bins:
+        matrix = tf.signal.linear_to_mel_weight_matrix(spec.mel_bins, spec.fft_length // 2 + 1, sample_rate,
+                                                       20.0, sample_rate / 2.0)
+        x = tf.tensordot(x, matrix, 1)
+    if spec.log:
+        x = tf.math.log(x + spec.log_offset)
+    return x
+
+
+def compute_features(waves: np.ndarray, spec: FeatureSpec, sample_rate: int, batch: int = 256) -> np.ndarray:
+    """Features of an [N, samples] array, computed in batches to bound memory."""
+    frames, bins = spec.shape(waves.shape[1])
+    out = np.zeros((len(waves), frames, bins), np.float32)
+    for start in range(0, len(waves), batch):
+        out[start:start + batch] = features_tf(waves[start:start + batch], spec, sample_rate).numpy()
+    return out
+
+
+def normalization_stats(x_train: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-frequency mean and variance over clips and frames of the training features."""
+    flat = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64)
+    return flat.mean(axis=0).astype(np.float32), np.maximum(flat.var(axis=0), 1e-12).astype(np.float32)
+
+
+@dataclass
+class Features:
+    """Features and labels of each split of a data set."""
+
+    x: Dict[str, np.ndarray]
+    y: Dict[str, np.ndarray]
+    files: Dict[str, List[str]]
+    class_names: List[str]
+    key: str = ""        # digest of data + front end: identifies these features in caches
+
+    @property
+    def input_shape(self) -> Tuple[int, int]:
+        return tuple(self.x["train"].shape[1:])
+
+
+def cache_key(data: DataSpec, feats: FeatureSpec, signature: str) -> str:
+    """Digest of what determines the features: data set content and split, clip length, front end."""
+    content = asdict(data)
+    for ignored in ("root", "download"):   # where the data lives does not change the features
+        content.pop(ignored)
+    blob = json.dumps({"v": CACHE_VERSION, "data": content, "features": asdict(feats), "files": signature},
+                      sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def load_features(data: DataSpec, feats: FeatureSpec, cache_dir: str | None) -> Features:
+    """Features of every split, from the cache when the same data and front end were seen before,
+    else computed from the WAV files and cached (written atomically)."""
+    file_list = list_files(data)
+    key = cache_key(data, feats, file_list.signature())
+    path = None
+    if cache_dir:
+        path = Path(os.path.expanduser(cache_dir)) / "features" / f"{data.name}-{key}.npz"
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    log.info("features from cache %s", path)
+                    return Features({s: z[f"x_{s}"] for s in SPLITS}, {s: z[f"y_{s}"] for s in SPLITS},
+                                    {s: list(z[f"files_{s}"]) for s in SPLITS}, list(z["class_names"]), key)
+            except (OSError, KeyError, ValueError) as e:
+                log.warning("ignoring unreadable feature cache %s (%s); recomputing", path, e)
+    x, y, files = {}, {}, {}
+    for split in SPLITS:
+        waves, kept = load_waveforms(file_list.files[split], data)
+        x[split] = compute_features(waves, feats, data.sample_rate)
+        y[split] = np.asarray(file_list.labels[split], np.int64)[kept]
+        files[split] = [f for f, k in zip(file_list.files[split], kept) if k]
+        if len(x[split]) == 0:
+            raise ConfigError(f"no readable clips in the {split} part of {data.name!r}")
+    out = Features(x, y, files, file_list.class_names, key)
+    if path is not None:
+        _save_atomic(path, out)
+    return out
+
+
+def _save_atomic(path: Path, f: Features) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"class_names": np.asarray(f.class_names)}
+    for s in SPLITS:
+        arrays.update({f"x_{s}": f.x[s], f"y_{s}": f.y[s], f"files_{s}": np.asarray(f.files[s])})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    log.info("features cached in %s", path)

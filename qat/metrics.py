@@ -1,0 +1,74 @@
+"""Classification figures of a model on one split, and the confusion-matrix picture."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts [true class, predicted class]."""
+    cm = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return cm
+
+
+def classification_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> Dict:
+    """Accuracy, balanced accuracy (mean per-class recall), macro F1, per-class accuracy and the
+    confusion matrix. Balanced accuracy and macro F1 matter because the classes are unbalanced
+    (the study's "unknown" is 6 of 8 words)."""
+    n = len(class_names)
+    cm = confusion_matrix(y_true, y_pred, n)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    tp = np.diag(cm).astype(np.float64)
+    recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
+    precision = np.divide(tp, predicted, out=np.zeros(n), where=predicted > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n), where=(precision + recall) > 0)
+    present = support > 0
+    return {
+        "acc": float(tp.sum() / max(cm.sum(), 1)),
+        "balanced_acc": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class_acc": {name: float(r) for name, r in zip(class_names, recall)},
+        "confusion": cm.tolist(),
+        "n": int(cm.sum()),
+    }
+
+
+def predict_classes(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Arg-max class of each input."""
+    return np.argmax(model.predict(x, batch_size=batch_size, verbose=0), axis=-1)
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray, class_names: Sequence[str]) -> Dict:
+    """`classification_report` of the model's predictions."""
+    return classification_report(y, predict_classes(model, x), class_names)
+
+
+def plot_confusion(cm: List[List[int]], class_names: Sequence[str], path: str, title: str) -> str:
+    """Save the confusion matrix (row-normalised colours, counts written in) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    size = 2.0 + 0.5 * len(class_names)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

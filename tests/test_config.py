@@ -1,0 +1,54 @@
+"""Real Hydra composition of the shipped configs, turned into specs."""
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from qat import ConfigError
+from qat.config import logger_spec, run_spec
+from tests.conftest import REPO
+
+os.environ.setdefault("LSTM_QAT_REPO", str(REPO))
+
+
+def composed(*overrides, name="config"):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_default_config_is_the_study():
+    spec = run_spec(composed())
+    assert spec.data.name == "speech_commands" and spec.data.task == "seed"
+    assert spec.data.root.endswith("shared/data/speech_commands_v2_test")
+    assert (spec.features.frame_length, spec.features.frame_step, spec.features.fft_length) == (480, 320, 512)
+    assert spec.model.units == 80 and spec.model.layers == 1
+    assert spec.recipe.bits == 4 and spec.seed == 0
+    assert logger_spec(composed()).mode == "offline"
+
+
+def test_data_groups_compose():
+    assert run_spec(composed("data=kws12")).data.task == "kws12"
+    fsdd = run_spec(composed("data=fsdd"))
+    assert fsdd.data.name == "fsdd" and fsdd.data.root.endswith("shared/data/fsdd")
+    assert run_spec(composed("data=folder", "data.root=/x")).data.name == "folder"
+    assert logger_spec(composed("logger=none")).mode == "disabled"
+
+
+def test_data_root_from_environment(monkeypatch):
+    monkeypatch.setenv("LSTM_QAT_DATA", "/elsewhere")
+    assert run_spec(composed()).data.root == "/elsewhere/speech_commands_v2_test"
+
+
+@pytest.mark.parametrize("override,needle", [("bits=1", "bits=1 is not allowed: expected an integer 2..16"),
+                                             ("bits=17", "bits=17"), ("bits=abc", "bits='abc'"),
+                                             ("act_bits=0", "act_bits=0"), ("seed=-1", "seed=-1"),
+                                             ("trainer.epochs=0", "trainer.epochs=0"),
+                                             ("logger.mode=cloud", "logger.mode='cloud'"),
+                                             ("+data.colour=red", "data.colour is not a setting")])
+def test_bad_values_give_one_line_errors(override, needle):
+    with pytest.raises(ConfigError, match=needle) as e:
+        cfg = composed(override)
+        run_spec(cfg), logger_spec(cfg)
+    assert "\n" not in str(e.value)

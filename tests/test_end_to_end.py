@@ -1,0 +1,71 @@
+"""train.py and evaluate.py as a user runs them: real data, real Hydra, real W&B offline runs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+SHARED_KEYS = {"method", "bits", "seed", "float/test_acc", "float/test_balanced_acc", "float/test_macro_f1",
+               "quant/test_acc", "quant/test_balanced_acc", "quant/degradation", "float/sec_per_epoch",
+               "float/epochs", "float/size_bytes", "quant/size_bytes"}
+
+
+def run(script, *overrides, cwd=REPO):
+    proc = subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+    return proc
+
+
+def small(tmp_path, name):
+    return [f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / name}", "trainer.epochs=2",
+            "data.limit_per_class=40", "model.units=16"]
+
+
+def test_train_then_evaluate(speech_commands_root, tmp_path):
+    proc = run("train.py", *small(tmp_path, "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SHARED_KEYS <= set(summary)
+    assert summary["float/epochs"] == 2 and 0 <= summary["float/test_acc"] <= 1
+    assert (run_dir / "confusion_float.png").stat().st_size > 1000
+    assert (run_dir / "float" / "float_model.keras").exists()
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    wandb_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(wandb_files) == 1 and wandb_files[0].stat().st_size > 0
+    assert "float acc" in proc.stdout
+
+    # A second run with the same data/model/seed reuses the float checkpoint.
+    again = run("train.py", *small(tmp_path, "run2"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary2 = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    assert summary2["float/reused"] is True and summary2["float/test_acc"] == summary["float/test_acc"]
+
+    ev = run("evaluate.py", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert evaluated["float/test_acc"] == summary["float/test_acc"]
+    assert list((tmp_path / "eval" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    proc = run("train.py", "bits=1", *small(tmp_path, "bad"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: bits=1 is not allowed: expected an integer 2..16"
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad" / "summary.json").exists()
+    ev = run("evaluate.py", f"run_dir={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert ev.returncode == 2 and "is not a folder" in ev.stderr and "Traceback" not in ev.stderr
+
+
+def test_multirun_over_seeds(speech_commands_root, tmp_path):
+    proc = run("train.py", "-m", "seed=0,1", f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'multi'}",
+               "trainer.epochs=1", "data.limit_per_class=30", "model.units=8", "logger=none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = sorted((tmp_path / "multi").glob("*/summary.json"))
+    assert [json.loads(p.read_text())["seed"] for p in summaries] == [0, 1]

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import soundfile
+
+import qat.features
+from qat import ConfigError
+from qat.data import SPLITS, DataSpec
+from qat.features import FeatureSpec, compute_features, load_features, normalization_stats
+
+
+def numpy_stft_magnitude(x, frame_length=480, frame_step=320, fft_length=512):
+    """Independent reference: periodic Hann window, frames without padding, |rfft|."""
+    n = np.arange(frame_length)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * n / frame_length)
+    frames = 1 + (len(x) - frame_length) // frame_step
+    out = np.stack([np.abs(np.fft.rfft(x[i * frame_step:i * frame_step + frame_length] * window, fft_length))
+                    for i in range(frames)])
+    return out
+
+
+def test_study_front_end_matches_numpy_stft(speech_commands_root):
+    path = next((speech_commands_root / "yes").glob("*.wav"))
+    wave, rate = soundfile.read(path, dtype="float32")
+    assert rate == 16000 and len(wave) == 16000
+    feats = compute_features(wave[None], FeatureSpec(), 16000)
+    assert feats.shape == (1, 49, 257)
+    ref = numpy_stft_magnitude(wave.astype(np.float64))
+    np.testing.assert_allclose(feats[0], ref, rtol=1e-3, atol=1e-4 * ref.max())
+
+
+def test_log_and_mel_options():
+    rng = np.random.default_rng(0)
+    wave = rng.normal(size=(2, 16000)).astype(np.float32)
+    lin = compute_features(wave, FeatureSpec(), 16000)
+    logged = compute_features(wave, FeatureSpec(log=True), 16000)
+    np.testing.assert_allclose(logged, np.log(lin + 1e-6), rtol=1e-4, atol=1e-4)
+    assert compute_features(wave, FeatureSpec(mel_bins=40), 16000).shape == (2, 49, 40)
+
+
+def test_normalization_stats_are_per_frequency():
+    x = np.random.default_rng(1).normal(3.0, 2.0, size=(50, 49, 7)).astype(np.float32)
+    mean, var = normalization_stats(x)
+    assert mean.shape == var.shape == (7,)
+    np.testing.assert_allclose(mean, x.reshape(-1, 7).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(var, x.reshape(-1, 7).var(0), rtol=1e-4)
+
+
+def test_features_are_cached(speech_commands_root, cache_dir, monkeypatch):
+    data = DataSpec(root=str(speech_commands_root), limit_per_class=15)
+    first = load_features(data, FeatureSpec(), cache_dir)
+    assert first.x["train"].shape[1:] == (49, 257)
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("features were recomputed although they are cached")
+
+    monkeypatch.setattr(qat.features, "compute_features", no_recompute)
+    second = load_features(data, FeatureSpec(), cache_dir)
+    for s in SPLITS:
+        np.testing.assert_array_equal(first.x[s], second.x[s])
+        np.testing.assert_array_equal(first.y[s], second.y[s])
+    assert second.key == first.key
+    with pytest.raises(AssertionError, match="recomputed"):   # another front end is another cache entry
+        load_features(data, FeatureSpec(log=True), cache_dir)
+
+
+@pytest.mark.parametrize("kwargs", [{"fft_length": 256}, {"mel_bins": -1}, {"frame_step": 0}])
+def test_bad_feature_spec(kwargs):
+    with pytest.raises(ConfigError, match="features."):
+        FeatureSpec(**kwargs)

@@ -1,0 +1,40 @@
+"""Train the float model (or reuse its cached checkpoint), run the configured quantization recipe,
+evaluate both and log the run to W&B.
+
+    python train.py                                   # default config
+    python train.py quant=qat bits=3
+    python train.py -m quant=ptq,qat bits=2,3,4,8 seed=0,1,2
+"""
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("LSTM_QAT_REPO", os.path.dirname(os.path.abspath(__file__)))
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from qat.config import exit_on_config_error, logger_spec, run_spec
+from qat.experiment import run_experiment
+from qat.tracking import start_run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@exit_on_config_error
+def main(cfg: DictConfig) -> float:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    spec = run_spec(config)
+    run_dir = HydraConfig.get().runtime.output_dir
+    tracker = start_run(logger_spec(config), run_dir, config, name=os.path.basename(run_dir))
+    try:
+        s = run_experiment(spec, run_dir, tracker)
+    finally:
+        tracker.finish()
+    print(f"[{s['method']} bits={s['bits']} seed={s['seed']} {s['task']}] float acc {100 * s['float/test_acc']:.2f}% "
+          f"| quant acc {100 * s['quant/test_acc']:.2f}% | degradation {s['quant/degradation']:+.2f} pts "
+          f"| {s['time/total_s']:.0f}s | {run_dir}")
+    return s["quant/test_acc"]
+
+
+if __name__ == "__main__":
+    main()
