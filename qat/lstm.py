@@ -12,8 +12,8 @@ points, each optional with its own QuantSpec:
 
 Speed: the weights are fake-quantized once per call, outside the time loop, and the input projection
 x @ W + b is one matmul for all time steps; only h @ U and the gate math run per step.
-Not supported (ConfigError when converting): stateful, go_backwards, return_state, masking,
-regularizers and constraints.
+Not supported: stateful, go_backwards, return_state, time_major, regularizers and constraints
+(ConfigError in `from_float`), and masking (Keras refuses a mask sent to this layer).
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from qat import ConfigError
 
 from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
@@ -128,7 +127,8 @@ class QLSTM(keras.layers.Layer):
         xz = tf.matmul(tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, kernel.shape[0]]), kernel)
         if self.use_bias:
             xz = tf.nn.bias_add(xz, self.quantized_weight("bias"))
-        xz = tf.reshape(xz, [-1, batch, 4 * self.units])
+        steps = inputs.shape[1] if inputs.shape[1] is not None else tf.shape(inputs)[1]
+        xz = tf.reshape(xz, [steps, batch, 4 * self.units])
 
         zeros = tf.zeros((batch, self.units), xz.dtype)
         rec_mask = None

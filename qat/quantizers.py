@@ -20,7 +20,6 @@ from qat import ConfigError
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -146,8 +145,10 @@ def qparams(lo, hi, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     group) gets scale 1 and zero point 0, so it is reproduced exactly instead of dividing by zero."""
     lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
     _check_finite(lo, "range"), _check_finite(hi, "range")
-    if np.any(lo > hi):
-        raise ConfigError(f"range lo={lo.min()} > hi={hi.max()} is not allowed: expected lo <= hi")
+    bad = np.flatnonzero(np.broadcast_to(lo > hi, np.broadcast_shapes(lo.shape, hi.shape)))
+    if bad.size:
+        lo_b, hi_b = np.broadcast_arrays(lo, hi)
+        raise ConfigError(f"range lo={lo_b.flat[bad[0]]} > hi={hi_b.flat[bad[0]]} is not allowed: expected lo <= hi")
     lo, hi = np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0))
     if spec.scheme == "symmetric":
         scale = np.maximum(-lo, hi) / np.float32(spec.qmax)

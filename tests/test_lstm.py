@@ -1,0 +1,186 @@
+"""QLSTM: exactly the Keras LSTM when quantization is off, and exactly "an LSTM with fake-quantized
+weights / activations" when it is on (checked against Keras with pre-quantized weights and against a
+numpy LSTM with the quantizers written out)."""
+from qat import ConfigError
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+from qat.lstm import GATES, QLSTM
+from qat.quantizers import QuantSpec, fake_quant_np, qparams
+
+T, F, U, B = 12, 10, 8, 5
+
+
+def _x(seed=0, shape=(B, T, F)):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _float_lstm(x, return_sequences=True, seed=0, **kwargs):
+    keras.utils.set_random_seed(seed)
+    lstm = keras.layers.LSTM(U, return_sequences=return_sequences, **kwargs)
+    lstm(x)
+    lstm.cell.bias.assign(np.random.default_rng(seed).normal(size=4 * U).astype(np.float32) * 0.5)
+    return lstm
+
+
+def _twin(lstm, x, **specs):
+    q = QLSTM.from_float(lstm, specs)
+    q(x)
+    q.copy_float_weights(lstm)
+    return q
+
+
+@pytest.mark.parametrize("return_sequences", [True, False])
+@pytest.mark.parametrize("kwargs", [{}, {"recurrent_activation": "hard_sigmoid", "activation": "relu"},
+                                    {"use_bias": False}])
+def test_quantization_off_equals_keras_lstm(return_sequences, kwargs):
+    x = _x(1) if kwargs.get("activation") != "relu" else _x(1) * 0.3
+    lstm = keras.layers.LSTM(U, return_sequences=return_sequences, **kwargs)
+    lstm(x)
+    if lstm.cell.use_bias:
+        lstm.cell.bias.assign(np.random.default_rng(2).normal(size=4 * U).astype(np.float32) * 0.5)
+    q = _twin(lstm, x)
+    np.testing.assert_allclose(q(x).numpy(), lstm(x).numpy(), atol=1e-6, rtol=0)
+    with tf.GradientTape(persistent=True) as tape:
+        loss_k, loss_q = tf.reduce_sum(lstm(x) ** 2), tf.reduce_sum(q(x) ** 2)
+    np.testing.assert_allclose(tape.gradient(loss_q, q.kernel).numpy(),
+                               tape.gradient(loss_k, lstm.cell.kernel).numpy(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(3, scheme="symmetric", granularity="per_channel"),
+                                  QuantSpec(2, estimator="mse"), QuantSpec(8, estimator="percentile", percentile=99)])
+def test_weight_quantization_equals_keras_lstm_with_prequantized_weights(spec):
+    x = _x(3)
+    lstm = _float_lstm(x)
+    q = _twin(lstm, x, kernel=spec, recurrent_kernel=spec, bias=QuantSpec(8))
+    ref = keras.layers.LSTM(U, return_sequences=True)
+    ref(x)
+    ref.set_weights([fake_quant_np(lstm.cell.kernel.numpy(), spec),
+                     fake_quant_np(lstm.cell.recurrent_kernel.numpy(), spec),
+                     fake_quant_np(lstm.cell.bias.numpy(), QuantSpec(8))])
+    np.testing.assert_allclose(q(x).numpy(), ref(x).numpy(), atol=2e-6, rtol=0)
+    assert np.abs(q(x).numpy() - lstm(x).numpy()).max() > 1e-4      # quantization did something
+
+
+def _sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def _numpy_quant_lstm(x, kernel, rec, bias, fq):
+    """Reference LSTM in numpy with a fake-quant function `fq(name, value)` at every point."""
+    x = fq("input", x)
+    h = np.zeros((x.shape[0], U), np.float32)
+    c = np.zeros_like(h)
+    out = []
+    for t in range(x.shape[1]):
+        z = x[:, t] @ kernel + bias + h @ rec
+        i, f, g, o = (fq(n, v) for n, v in zip(GATES, (_sigmoid(z[:, :U]), _sigmoid(z[:, U:2 * U]),
+                                                        np.tanh(z[:, 2 * U:3 * U]), _sigmoid(z[:, 3 * U:]))))
+        c = fq("state_c", f * c + i * g)
+        h = fq("state_h", o * np.tanh(c))
+        out.append(h)
+    return np.stack(out, 1)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_activation_and_state_quantization_equals_numpy_reference(granularity):
+    x = _x(4)
+    lstm = _float_lstm(x, seed=4)
+    spec = QuantSpec(8, granularity=granularity)
+    q = _twin(lstm, x, input=spec, gate=spec, state=spec)
+    np.testing.assert_allclose(q(x).numpy(), lstm(x).numpy(), atol=1e-6)   # uncalibrated: pass-through
+    rng = np.random.default_rng(5)
+    ranges = {}
+    for name, aq in q.activation_quantizers.items():
+        n = F if name == "input" else U
+        lo = -rng.uniform(0.5, 1.5, size=n if granularity == "per_channel" else ()).astype(np.float32)
+        hi = rng.uniform(0.5, 1.5, size=lo.shape).astype(np.float32)
+        aq.set_range(lo, hi)
+        ranges[name] = (lo, hi)
+
+    def fq(name, v):
+        return fake_quant_np(v, spec, *ranges[name])
+
+    ref = _numpy_quant_lstm(x, lstm.cell.kernel.numpy(), lstm.cell.recurrent_kernel.numpy(),
+                            lstm.cell.bias.numpy(), fq)
+    out = q(x).numpy()
+    step = float(np.max(qparams(*ranges["state_h"], spec)[0]))
+    # a float32 rounding-order difference may flip one rounding decision; allow one step, rarely
+    assert np.abs(out - ref).max() <= 1.01 * step
+    assert np.mean(np.abs(out - ref) > 1e-6) < 0.01
+    for name in GATES + ("state_c", "state_h"):        # values lie on the quantization grid
+        assert name in q.activation_quantizers
+    scale, zp = qparams(*ranges["state_h"], spec)
+    codes = out / scale + zp
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+
+
+def test_calibration_values_cover_every_quantization_point():
+    x = _x(6)
+    q = _twin(_float_lstm(x), x, input=QuantSpec(8), gate=QuantSpec(8), state=QuantSpec(8))
+    vals = {k: v.numpy() for k, v in q.calibration_values(x).items()}
+    assert set(vals) == set(q.activation_quantizers)
+    assert vals["input"].shape == (B, T, F) and vals["state_h"].shape == (T, B, U)
+    for g in ("gate_i", "gate_f", "gate_o"):
+        assert 0 <= vals[g].min() and vals[g].max() <= 1
+    np.testing.assert_allclose(np.transpose(vals["state_h"], (1, 0, 2)), q(x).numpy(), atol=1e-6)
+
+
+def test_learned_scales_are_trainable_and_get_gradients():
+    x = _x(7)
+    spec = QuantSpec(4, granularity="per_channel")
+    q = QLSTM.from_float(_float_lstm(x), {"kernel": spec, "recurrent_kernel": spec, "state": QuantSpec(8)},
+                         learned=True)
+    q(x)
+    q.copy_float_weights(_float_lstm(x))
+    q.activation_quantizers["state_h"].set_range(-1.0, 1.0)
+    q.activation_quantizers["state_c"].set_range(-2.0, 2.0)
+    names = [w.name.split("/")[-1].split(":")[0] for w in q.trainable_weights]
+    assert {"kernel_scale", "kernel_offset", "recurrent_kernel_scale", "state_h_scale", "state_c_offset"} <= set(names)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(q(x) ** 2)
+    grads = dict(zip(names, tape.gradient(loss, q.trainable_weights)))
+    for n in ("kernel", "kernel_scale", "recurrent_kernel_scale", "state_h_scale", "state_c_scale"):
+        assert grads[n] is not None and np.any(grads[n].numpy() != 0), n
+
+
+def test_dropout_is_active_only_in_training():
+    x = _x(8)
+    lstm = _float_lstm(x, dropout=0.5, recurrent_dropout=0.3)
+    q = _twin(lstm, x, kernel=QuantSpec(4))
+    infer = q(x, training=False).numpy()
+    np.testing.assert_array_equal(infer, q(x).numpy())
+    assert np.abs(q(x, training=True).numpy() - infer).max() > 1e-3
+
+
+def test_config_round_trip():
+    q = QLSTM(U, return_sequences=True, kernel_quant=QuantSpec(3, granularity="per_channel"),
+              gate_quant=QuantSpec(8, scheme="symmetric"), learned=True, name="lstm")
+    clone = QLSTM.from_config(q.get_config())
+    assert clone.get_config() == q.get_config()
+    assert clone.specs["kernel"] == QuantSpec(3, granularity="per_channel")
+
+
+@pytest.mark.parametrize("kwargs, match", [({"go_backwards": True}, "uses go_backwards"),
+                                           ({"kernel_regularizer": "l2"}, "uses kernel_regularizer"),
+                                           ({"return_state": True}, "uses return_state")])
+def test_unsupported_lstm_features_are_config_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        QLSTM.from_float(keras.layers.LSTM(U, **kwargs), {})
+
+
+def test_bad_spec_in_config_is_a_config_error():
+    with pytest.raises(ConfigError, match="bits=1 is not allowed"):
+        QLSTM(U, kernel_quant={"bits": 1})
+    with pytest.raises(ConfigError, match="axis=0 is not allowed for an activation quantizer"):
+        QLSTM(U, gate_quant=QuantSpec(8, granularity="per_channel", axis=0))(_x())
+
+
+def test_fresh_layer_initialises_like_keras_lstm():
+    q, k = QLSTM(U), keras.layers.LSTM(U)
+    q(_x()), k(_x())
+    np.testing.assert_array_equal(q.bias.numpy(), k.cell.bias.numpy())      # forget-gate bias 1
+    assert q.kernel.shape == k.cell.kernel.shape and q.recurrent_kernel.shape == k.cell.recurrent_kernel.shape

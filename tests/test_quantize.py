@@ -1,0 +1,175 @@
+"""Whole-model quantization: the twin is the float model with fake-quantized weights, trains with fit,
+keeps at most 2^b values per quantization group, calibrates, exports and survives save/load."""
+from qat import ConfigError
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from qat.lstm import QLSTM
+from qat.models import ModelSpec, build_model
+from qat.quantize import QDense, QuantConfig, calibrate, quantize_model, quantized_weights, weight_tensor_names
+from qat.quantizers import QuantSpec, dequantize_np, estimate_range, fake_quant_np, qparams
+
+SHAPE, N_CLASSES = (12, 16), 3
+NAMES = ["lstm/kernel", "lstm/recurrent_kernel", "lstm/bias", "dense/kernel", "dense/bias"]
+
+
+def _data(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n,) + SHAPE).astype(np.float32) * 2 + 0.5, rng.integers(0, N_CLASSES, n)
+
+
+def _float_model(seed=0, **spec):
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = build_model(SHAPE, N_CLASSES, ModelSpec(units=8, **spec),
+                        norm_mean=rng.normal(size=SHAPE[1]) * 0.1, norm_var=rng.uniform(0.5, 2, SHAPE[1]))
+    model.get_layer("dense").bias.assign(rng.normal(size=N_CLASSES).astype(np.float32) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    return _float_model()
+
+
+def _distinct_per_group(values, spec):
+    if spec.granularity == "per_tensor":
+        return [len(np.unique(values))]
+    moved = np.moveaxis(values, spec.axis, 0)
+    return [len(np.unique(moved[i])) for i in range(moved.shape[0])]
+
+
+def test_weight_tensor_names(float_model):
+    assert weight_tensor_names(float_model) == NAMES
+    stacked = build_model(SHAPE, N_CLASSES, ModelSpec(units=4, layers=2))
+    assert weight_tensor_names(stacked)[:6] == ["lstm/kernel", "lstm/recurrent_kernel", "lstm/bias",
+                                                "lstm_1/kernel", "lstm_1/recurrent_kernel", "lstm_1/bias"]
+    assert weight_tensor_names(quantize_model(float_model, QuantConfig())) == NAMES
+
+
+def test_no_quantization_twin_equals_float_model(float_model):
+    x, _ = _data()
+    qmodel = quantize_model(float_model, QuantConfig())
+    assert isinstance(qmodel.get_layer("lstm"), QLSTM) and isinstance(qmodel.get_layer("dense"), QDense)
+    assert [type(layer).__name__ for layer in qmodel.layers[:2]] == ["InputLayer", "Normalization"]
+    np.testing.assert_allclose(qmodel.predict(x, verbose=0), float_model.predict(x, verbose=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(3, granularity="per_channel", scheme="symmetric"),
+                                  QuantSpec(2, estimator="mse", granularity="per_channel")])
+def test_twin_equals_float_model_with_prequantized_weights(float_model, spec):
+    x, _ = _data()
+    qmodel = quantize_model(float_model, QuantConfig(weights=spec, bias=QuantSpec(8)))
+    oracle = keras.models.clone_model(float_model)
+    oracle.set_weights([fake_quant_np(w, QuantSpec(8) if w.ndim == 1 else spec) for w in float_model.get_weights()])
+    np.testing.assert_allclose(qmodel.predict(x, verbose=0), oracle.predict(x, verbose=0), atol=2e-6)
+
+
+def test_overrides_give_mixed_precision_and_unknown_names_are_rejected(float_model):
+    cfg = QuantConfig(weights=QuantSpec(8), overrides={"lstm/kernel": QuantSpec(2), "dense/bias": QuantSpec(3)})
+    qw = quantized_weights(quantize_model(float_model, cfg))
+    assert sorted(qw) == ["dense/bias", "dense/kernel", "lstm/kernel", "lstm/recurrent_kernel"]   # bias float
+    assert qw["lstm/kernel"].spec.bits == 2 and len(np.unique(qw["lstm/kernel"].values)) <= 4
+    assert qw["dense/bias"].spec.bits == 3 and qw["lstm/recurrent_kernel"].spec.bits == 8
+    with pytest.raises(ConfigError, match=r"override name\(s\) \['lstm/kernal'\] are not allowed: "
+                                          r"expected names among \['lstm/kernel'"):
+        quantize_model(float_model, QuantConfig(overrides={"lstm/kernal": QuantSpec(4)}))
+
+
+@pytest.mark.parametrize("kwargs, match", [({"weights": 4}, r"QuantConfig.weights=4 is not allowed"),
+                                           ({"learned": "yes"}, "QuantConfig.learned='yes' is not allowed"),
+                                           ({"overrides": {"lstm/kernel": 3}}, r"overrides\['lstm/kernel'\]=3")])
+def test_bad_quant_config_is_a_config_error(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_unsupported_layers_are_config_errors():
+    inp = keras.Input(SHAPE)
+    model = keras.Model(inp, keras.layers.Bidirectional(keras.layers.LSTM(4), name="bi")(inp))
+    with pytest.raises(ConfigError, match=r"layer 'bi' \(Bidirectional\) is not supported"):
+        quantize_model(model, QuantConfig(weights=QuantSpec(4)))
+
+
+@pytest.mark.parametrize("learned, spec", [
+    (False, QuantSpec(3)),
+    (False, QuantSpec(4, granularity="per_channel", estimator="percentile", percentile=99.0)),
+    (True, QuantSpec(2, granularity="per_channel")),
+    (True, QuantSpec(4, scheme="symmetric")),
+])
+def test_twin_trains_with_fit_and_keeps_2_to_the_b_values_per_group(tmp_path, learned, spec):
+    x, y = _data()
+    float_model = _float_model(seed=1, dropout=0.1)
+    qmodel = quantize_model(float_model, QuantConfig(weights=spec, bias=spec, learned=learned))
+    before = {k: v.values.copy() for k, v in quantized_weights(qmodel).items()}
+    qmodel.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    hist = qmodel.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert np.all(np.isfinite(hist.history["loss"]))
+    after = quantized_weights(qmodel)
+    assert list(after) == NAMES
+    assert any(np.any(before[k] != after[k].values) for k in NAMES), "training changed no quantized weight"
+    for name, t in after.items():
+        layer, weight = name.split("/")
+        used = qmodel.get_layer(layer).quantized_weight(weight).numpy()
+        np.testing.assert_array_equal(t.values, used)                          # exported == what the model uses
+        np.testing.assert_array_equal(t.values, dequantize_np(t.codes, t.scale, t.zero_point))
+        assert t.codes.min() >= spec.qmin and t.codes.max() <= spec.qmax
+        assert max(_distinct_per_group(t.values, spec)) <= 2 ** spec.bits
+        if not learned and spec.estimator == "minmax":                         # ranges follow the weights
+            w = getattr(qmodel.get_layer(layer), weight).numpy()
+            np.testing.assert_array_equal(t.scale, qparams(*estimate_range(w, spec), spec)[0])
+    if learned:                                                                # trained scales persist
+        qmodel.save(tmp_path / "trained.keras")
+        loaded = keras.models.load_model(tmp_path / "trained.keras")
+        np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
+
+
+def test_weight_ranges_start_from_the_estimator(float_model):
+    spec = QuantSpec(3, granularity="per_channel", estimator="mse")
+    qw = quantized_weights(quantize_model(float_model, QuantConfig(weights=spec)))
+    w = float_model.get_layer("lstm").cell.kernel.numpy()
+    scale, zp = qparams(*estimate_range(w, spec), spec)
+    np.testing.assert_allclose(qw["lstm/kernel"].scale, scale, rtol=1e-6)
+    np.testing.assert_allclose(qw["lstm/kernel"].values, fake_quant_np(w, spec), atol=1e-6)
+
+
+def test_calibrate_sets_activation_ranges_from_data(float_model):
+    x, _ = _data()
+    cfg = QuantConfig(weights=QuantSpec(8), inputs=QuantSpec(8), gates=QuantSpec(8), state=QuantSpec(8))
+    qmodel = quantize_model(float_model, cfg)
+    uncalibrated = qmodel.predict(x, verbose=0)
+    weights_only = quantize_model(float_model, QuantConfig(weights=QuantSpec(8))).predict(x, verbose=0)
+    np.testing.assert_allclose(uncalibrated, weights_only, atol=1e-6)           # pass-through until calibrated
+    calibrate(qmodel, [x[:24], x[24:]])
+    lstm = qmodel.get_layer("lstm")
+    normalized = float_model.get_layer("normalize")(x).numpy()
+    np.testing.assert_allclose(lstm.activation_quantizers["input"].lo.numpy(), min(normalized.min(), 0), rtol=1e-6)
+    np.testing.assert_allclose(lstm.activation_quantizers["input"].hi.numpy(), normalized.max(), rtol=1e-6)
+    for g in ("gate_i", "gate_f", "gate_o"):
+        aq = lstm.activation_quantizers[g]
+        assert aq.lo.numpy() == 0 and 0.5 < aq.hi.numpy() <= 1
+    dense_in = qmodel.get_layer("dense").activation_quantizers["input"]
+    assert -1 <= dense_in.lo.numpy() < 0 < dense_in.hi.numpy() <= 1                # flattened h
+    calibrated = qmodel.predict(x, verbose=0)
+    assert 1e-5 < np.abs(calibrated - uncalibrated).max() < 0.05                   # 8 bits: small, not zero
+    with pytest.raises(ConfigError, match="calibrate got no batches"):
+        calibrate(qmodel, [])
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_save_and_load_give_identical_predictions(tmp_path, float_model, learned):
+    x, _ = _data()
+    cfg = QuantConfig(weights=QuantSpec(4, granularity="per_channel"), bias=QuantSpec(8),
+                      inputs=QuantSpec(8, estimator="percentile"), gates=QuantSpec(8), state=QuantSpec(8),
+                      learned=learned)
+    qmodel = quantize_model(float_model, cfg)
+    calibrate(qmodel, [x])
+    path = tmp_path / "q.keras"
+    qmodel.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.get_layer("lstm"), QLSTM) and loaded.get_layer("lstm").specs == qmodel.get_layer("lstm").specs
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
+    for name, t in quantized_weights(loaded).items():
+        np.testing.assert_array_equal(t.codes, quantized_weights(qmodel)[name].codes)
