@@ -218,6 +218,19 @@ def calibrate(qmodel, batches: Iterable[np.ndarray]) -> None:
             q.set_range(lo, hi)
 
 
+def freeze_ranges(qmodel) -> None:
+    """Fix every quantization range of a fake-quant model where it is now: weight quantizers keep
+    their current scale / zero point instead of following the weights, learned scales stop training.
+    After this the model computes exactly what its exported integer weights compute. Quantizers
+    already frozen are left as they are, so this can be called again after changing other weights."""
+    for layer in _quantized_layers(qmodel):
+        for name, q in layer.weight_quantizers.items():
+            if float(q.frozen.numpy()) == 0.0:
+                q.freeze(getattr(layer, name))
+        for q in layer.activation_quantizers.values():
+            q.freeze()
+
+
 def quantized_weights(qmodel) -> dict[str, QuantizedTensor]:
     """Every quantized weight tensor of a `quantize_model` twin, as integer codes + scale/zero point,
     computed exactly as the forward pass does (float weights left float are not included)."""

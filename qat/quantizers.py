@@ -285,17 +285,58 @@ class WeightQuantizer:
         shape = tuple(int(d) for d in shape)
         self._axes = reduce_axes(len(shape), self.spec)
         group = tuple(1 if a in self._axes else d for a, d in enumerate(shape))
+        self._group_shape = group
         n_groups = int(np.prod(group)) if group else 1
         self._grad_scale = 1.0 / math.sqrt(max(int(np.prod(shape)) // n_groups, 1) * self.spec.qmax)
 
-        def add(suffix, init, trainable):
-            return layer.add_weight(f"{name}_{suffix}", shape=group, initializer=init, trainable=trainable)
+        self.variables = []     # everything this quantizer adds to the layer
 
+        def add(suffix, init, trainable, shape=group):
+            var = layer.add_weight(f"{name}_{suffix}", shape=shape, initializer=init, trainable=trainable)
+            self.variables.append(var)
+            return var
+
+        self.frozen = add("frozen", "zeros", False, shape=())
         if self.learned:
             self.scale = add("scale", "ones", True)
             self.offset = add("offset", "zeros", True) if self.spec.scheme == "asymmetric" else None
         else:
             self.ratio_lo, self.ratio_hi = add("ratio_lo", "ones", False), add("ratio_hi", "ones", False)
+            self.frozen_scale = add("frozen_scale", "ones", False)
+            self.frozen_zero_point = add("frozen_zero_point", "zeros", False)
+
+    def freeze(self, w) -> None:
+        """Fix the range from now on: a non-learned quantizer stores the scale / zero point it has for
+        `w` now and stops following the weight (deployment semantics: re-quantizing the exported
+        grid values gives them back exactly); a learned one stops training its scale and offset."""
+        if not self.learned:
+            scale, zp = qparams_tf(*self._live_range(tf.convert_to_tensor(w)), self.spec)
+            self.frozen_scale.assign(tf.reshape(scale, self.frozen_scale.shape))
+            self.frozen_zero_point.assign(tf.reshape(zp, self.frozen_zero_point.shape))
+        self.frozen.assign(1.0)
+
+    def load_frozen(self, scale, zero_point) -> None:
+        """Freeze at a given scale / zero point (from an exported model)."""
+        scale = np.reshape(np.asarray(scale, np.float32), self._group_shape)
+        zero_point = np.reshape(np.asarray(zero_point, np.float32), self._group_shape)
+        if self.learned:
+            self.scale.assign(scale)
+            if self.offset is not None:
+                self.offset.assign(zero_point)
+        else:
+            self.frozen_scale.assign(scale)
+            self.frozen_zero_point.assign(zero_point)
+        self.frozen.assign(1.0)
+
+    def _learned(self):
+        """(scale, offset) with gradients stopped once frozen."""
+        on = self.frozen > 0
+        scale = tf.maximum(tf.convert_to_tensor(self.scale), _MIN_LEARNED_SCALE)
+        scale = tf.where(on, tf.stop_gradient(scale), scale)
+        if self.offset is None:
+            return scale, 0.0
+        offset = tf.convert_to_tensor(self.offset)
+        return scale, tf.where(on, tf.stop_gradient(offset), offset)
 
     def _live_range(self, w):
         lo = tf.minimum(tf.reduce_min(w, axis=self._axes, keepdims=True), 0.0) * self.ratio_lo
@@ -305,17 +346,18 @@ class WeightQuantizer:
     def scale_zero_point(self, w):
         """(scale, zero_point) tensors the forward pass uses for weight w."""
         if self.learned:
-            scale = tf.maximum(self.scale, _MIN_LEARNED_SCALE)
-            zp = 0.0 if self.offset is None else tf.clip_by_value(tf.round(self.offset), self.spec.qmin,
-                                                                  self.spec.qmax)
+            scale, offset = self._learned()
+            zp = tf.clip_by_value(tf.round(offset), self.spec.qmin, self.spec.qmax)
             return scale, tf.zeros_like(scale) + zp
-        return qparams_tf(*self._live_range(w), self.spec)
+        live_scale, live_zp = qparams_tf(*self._live_range(w), self.spec)
+        on = self.frozen > 0
+        return (tf.where(on, tf.convert_to_tensor(self.frozen_scale), live_scale),
+                tf.where(on, tf.convert_to_tensor(self.frozen_zero_point), live_zp))
 
     def __call__(self, w):
         if self.learned:
-            offset = 0.0 if self.offset is None else self.offset
-            return lsq_fake_quant(w, tf.maximum(self.scale, _MIN_LEARNED_SCALE), offset,
-                                  self.spec.qmin, self.spec.qmax, self._grad_scale)
+            scale, offset = self._learned()
+            return lsq_fake_quant(w, scale, offset, self.spec.qmin, self.spec.qmax, self._grad_scale)
         scale, zp = self.scale_zero_point(w)
         return fake_quant(w, scale, zp, self.spec.qmin, self.spec.qmax)
 
@@ -365,6 +407,7 @@ class ActivationQuantizer:
 
         self._group = group
         self.calibrated = layer.add_weight(f"{name}_calibrated", shape=(), initializer="zeros", trainable=False)
+        self.frozen = layer.add_weight(f"{name}_frozen", shape=(), initializer="zeros", trainable=False)
         if self.learned:
             self.scale = add("scale", "ones", True)
             self.offset = add("offset", "zeros", True) if self.spec.scheme == "asymmetric" else None
@@ -375,8 +418,12 @@ class ActivationQuantizer:
         """Return x -> fake_quant(x) with the range read once (call outside a time loop, use inside)."""
         on = self.calibrated > 0
         if self.learned:
+            frozen = self.frozen > 0
             scale = tf.maximum(tf.convert_to_tensor(self.scale), _MIN_LEARNED_SCALE)
+            scale = tf.where(frozen, tf.stop_gradient(scale), scale)
             offset = 0.0 if self.offset is None else tf.convert_to_tensor(self.offset)
+            if self.offset is not None:
+                offset = tf.where(frozen, tf.stop_gradient(offset), offset)
             quant = lambda x: lsq_fake_quant(x, scale, offset, self.spec.qmin, self.spec.qmax, self._grad_scale)
         else:
             scale, zp = qparams_tf(tf.convert_to_tensor(self.lo), tf.convert_to_tensor(self.hi), self.spec)
@@ -385,6 +432,10 @@ class ActivationQuantizer:
 
     def __call__(self, x):
         return self.bind()(x)
+
+    def freeze(self) -> None:
+        """Stop training a learned range (a calibrated non-learned range is already fixed)."""
+        self.frozen.assign(1.0)
 
     def reset(self) -> None:
         """Back to pass-through (before re-calibration)."""

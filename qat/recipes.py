@@ -1,10 +1,14 @@
 """Quantization recipes picked by name (`quant.method`): each takes the trained float model and
-returns the model to evaluate plus its own summary figures."""
+returns the model to evaluate plus its own summary figures. Also what every recipe shares: the
+options that say how tensors are quantized, and the per-tensor report of a quantized model."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
 
 from qat import ConfigError
 
@@ -39,6 +43,80 @@ class RecipeSpec:
         check_bits("state_bits", self.state_bits, optional=True)
 
 
+@dataclass(frozen=True)
+class QuantOptions:
+    """How tensors are quantized (shared by PTQ and QAT recipes; `bits` etc. come from RecipeSpec)."""
+
+    scheme: str = "asymmetric"          # weights: asymmetric | symmetric
+    granularity: str = "per_tensor"     # weights: per_tensor | per_channel (per output unit)
+    estimator: str = "minmax"           # weights: minmax | percentile | mse
+    percentile: float = 99.99
+    narrow_range: bool = False
+    bias: bool = True                   # quantize biases too (at `bits`, per tensor) or keep them float
+    act_scheme: str = "asymmetric"      # activations and state
+    act_estimator: str = "minmax"
+    calibration_size: int = 512         # training clips used to calibrate activation / state ranges
+
+    @classmethod
+    def pick(cls, options: Dict[str, Any], method: str):
+        """Split `options` into (this class's fields, the rest); unknown keys are left for the caller."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        mine = {k: v for k, v in options.items() if k in names}
+        return cls(**mine), {k: v for k, v in options.items() if k not in names}
+
+    def quant_config(self, spec: "RecipeSpec", learned: bool = False):
+        """The qat.quantize.QuantConfig these options and bit-widths describe."""
+        from qat.quantize import QuantConfig
+        from qat.quantizers import QuantSpec
+
+        weights = QuantSpec(spec.bits, self.scheme, self.granularity, -1, self.estimator, self.percentile,
+                            self.narrow_range)
+        bias = QuantSpec(spec.bits, self.scheme, "per_tensor", -1, "minmax", narrow_range=self.narrow_range) \
+            if self.bias else None
+        act = lambda b: QuantSpec(b, self.act_scheme, "per_tensor", -1, self.act_estimator, self.percentile) \
+            if b is not None else None
+        return QuantConfig(weights=weights, bias=bias, inputs=act(spec.act_bits), gates=act(spec.act_bits),
+                           state=act(spec.state_bits), learned=learned)
+
+
+def check_options(method: str, rest: Dict[str, Any], allowed: List[str]) -> None:
+    """One-line error for a recipe option that does not exist."""
+    if rest:
+        raise ConfigError(f"quant.{sorted(rest)[0]} is not an option of quant.method={method}: expected one of "
+                          f"{', '.join(sorted(allowed))}")
+
+
+def float_weight(model, name: str) -> np.ndarray:
+    """A float model's weight by its "<layer>/<weight>" name (a Keras LSTM keeps them on its cell)."""
+    layer, weight = name.split("/")
+    layer = model.get_layer(layer)
+    return getattr(getattr(layer, "cell", layer), weight).numpy()
+
+
+def weight_report(float_model, qmodel) -> Dict[str, Any]:
+    """Per weight tensor: MAE, MSE, SQNR (dB) of the quantized weight against the float one, bits and
+    the number of distinct values per quantization group (must be <= 2^bits)."""
+    from qat.quantize import quantized_weights
+    from qat.quantizers import error_stats
+
+    out: Dict[str, Any] = {}
+    for name, q in quantized_weights(qmodel).items():
+        stats = error_stats(float_weight(float_model, name), q.values)
+        codes = q.codes if q.spec.granularity == "per_tensor" else np.moveaxis(q.codes, q.spec.axis, -1)
+        groups = codes.reshape(1, -1) if q.spec.granularity == "per_tensor" else codes.reshape(-1, codes.shape[-1]).T
+        levels = max(len(np.unique(g)) for g in groups)
+        out[name] = {**stats, "bits": q.spec.bits, "levels": levels, "levels_ok": levels <= 2 ** q.spec.bits}
+    return out
+
+
+def report_summary(report: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """Flat summary keys `quant/weights/<layer>/<weight>/<figure>` plus `quant/levels_ok` overall."""
+    out = {f"quant/weights/{name}/{k}": v for name, r in report.items() for k, v in r.items()
+           if k in ("mae", "mse", "sqnr_db", "levels")}
+    out["quant/levels_ok"] = all(r["levels_ok"] for r in report.values())
+    return out
+
+
 @dataclass
 class RecipeResult:
     """The model to evaluate as "quant" and the recipe's own summary figures."""
@@ -52,7 +130,22 @@ def float_only(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path
     return RecipeResult(model)
 
 
-RECIPES: Dict[str, Callable[..., RecipeResult]] = {"none": float_only}
+def _ptq(*args, **kwargs):
+    from qat import ptq
+
+    return ptq.run(*args, **kwargs)
+
+
+def _tflite(*args, **kwargs):
+    from qat import ptq
+
+    return ptq.run_tflite(*args, **kwargs)
+
+
+RECIPES: Dict[str, Callable[..., RecipeResult]] = {
+    "none": float_only, "ptq_seed": _ptq, "ptq": _ptq,
+    "tflite_dynamic": _tflite, "tflite_float16": _tflite, "tflite_int8": _tflite,
+}
 
 
 def run_recipe(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path, tracker, verbose: int = 0):

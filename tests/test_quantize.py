@@ -173,3 +173,33 @@ def test_save_and_load_give_identical_predictions(tmp_path, float_model, learned
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
     for name, t in quantized_weights(loaded).items():
         np.testing.assert_array_equal(t.codes, quantized_weights(qmodel)[name].codes)
+
+
+def test_freeze_ranges_makes_requantization_exact():
+    """Frozen ranges no longer follow the weights: re-quantizing the exported grid values, or weights
+    moved by training, uses the stored scale / zero point (what a deployed model does)."""
+    import tf_keras as keras
+
+    from qat.models import ModelSpec, build_model
+    from qat.quantize import QuantConfig, freeze_ranges, quantize_model, quantized_weights
+    from qat.quantizers import QuantSpec
+
+    keras.utils.set_random_seed(5)
+    model = build_model((6, 9), 3, ModelSpec(units=5))
+    q = quantize_model(model, QuantConfig(weights=QuantSpec(3, granularity="per_channel", estimator="mse"),
+                                          bias=QuantSpec(3)))
+    freeze_ranges(q)
+    before = quantized_weights(q)
+    for name, t in before.items():                       # load the grid values as the float weights
+        layer, weight = name.split("/")
+        getattr(q.get_layer(layer), weight).assign(t.values)
+    after = quantized_weights(q)
+    for name in before:
+        np.testing.assert_array_equal(after[name].codes, before[name].codes)
+        np.testing.assert_array_equal(after[name].values, before[name].values)
+        np.testing.assert_array_equal(after[name].scale, before[name].scale)
+    lstm = q.get_layer("lstm")
+    lstm.kernel.assign(lstm.kernel * 10.0)               # far outside the frozen range: clipped, not rescaled
+    codes = quantized_weights(q)["lstm/kernel"].codes
+    assert set(np.unique(codes)) <= {0, 7} | set(np.unique(before["lstm/kernel"].codes))
+    np.testing.assert_array_equal(quantized_weights(q)["lstm/kernel"].scale, before["lstm/kernel"].scale)

@@ -1,0 +1,140 @@
+"""Collect the summaries of many runs (a Hydra multirun folder, W&B run folders, any tree), tabulate
+accuracy and degradation per method x bits over seeds, and draw the accuracy-vs-bits figure."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+SUMMARY = "summary.json"
+GROUP_KEYS = ("data", "task", "method", "bits", "act_bits", "state_bits")
+FIGURES = ("quant/test_acc", "quant/degradation", "float/test_acc", "quant/test_balanced_acc",
+           "quant/size_bytes")
+
+
+@dataclass
+class Collected:
+    """Finished runs (their summaries) and the folders of runs that did not finish."""
+
+    runs: List[Dict[str, Any]] = field(default_factory=list)
+    incomplete: List[str] = field(default_factory=list)
+
+
+def collect(roots: Sequence[str]) -> Collected:
+    """Every `summary.json` under the roots; a run folder (one with `.hydra/`) without one is listed
+    as incomplete (failed, killed or still running)."""
+    out = Collected()
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist: expected a multirun or run folder")
+        for hydra_dir in sorted(root.rglob(".hydra")):
+            run_dir = hydra_dir.parent
+            path = run_dir / SUMMARY
+            if not path.exists():
+                out.incomplete.append(str(run_dir))
+                continue
+            try:
+                out.runs.append({**json.loads(path.read_text()), "run_dir": str(run_dir)})
+            except json.JSONDecodeError:
+                out.incomplete.append(str(run_dir))
+    return out
+
+
+def _mean_sd(values: List[float]) -> Tuple[float, float]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return math.nan, math.nan
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (data, task, method, bits, act_bits, state_bits): mean and sd over runs of each
+    figure, the seeds and the run count."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        groups[tuple(r.get(k) for k in GROUP_KEYS)].append(r)
+    rows = []
+    for key in sorted(groups, key=lambda k: tuple((v is None, str(v) if not isinstance(v, int) else f"{v:04d}")
+                                                  for v in k)):
+        members = groups[key]
+        row = dict(zip(GROUP_KEYS, key))
+        row["n"] = len(members)
+        row["seeds"] = sorted(m.get("seed") for m in members)
+        for fig in FIGURES:
+            row[f"{fig}/mean"], row[f"{fig}/sd"] = _mean_sd([m.get(fig) for m in members])
+        rows.append(row)
+    return rows
+
+
+def write_csv(runs: List[Dict[str, Any]], path: Path) -> None:
+    """One line per run with the group keys, seed and scalar figures."""
+    cols = list(GROUP_KEYS) + ["seed"] + list(FIGURES) + ["run_dir"]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, cols, extrasaction="ignore")
+        w.writeheader()
+        for r in runs:
+            w.writerow({c: r.get(c) for c in cols})
+
+
+def markdown(rows: List[Dict[str, Any]], incomplete: List[str]) -> str:
+    """The table as markdown: accuracies in %, degradation in points, mean ± sd over seeds."""
+    pm = lambda row, fig, scale=100.0: (f"{scale * row[f'{fig}/mean']:.2f} ± {scale * row[f'{fig}/sd']:.2f}"
+                                        if not math.isnan(row[f"{fig}/mean"]) else "n/a")
+    lines = ["| data | method | bits | act | state | n | float acc % | quant acc % | degradation (pts) | size (KiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        size = r["quant/size_bytes/mean"]
+        lines.append(f"| {r['task'] or r['data']} | {r['method']} | {r['bits']} | {r['act_bits'] or '-'} "
+                     f"| {r['state_bits'] or '-'} | {r['n']} | {pm(r, 'float/test_acc')} | {pm(r, 'quant/test_acc')} "
+                     f"| {pm(r, 'quant/degradation', 1.0)} | {size / 1024:.1f} |")
+    if incomplete:
+        lines += ["", f"Incomplete runs ({len(incomplete)}), not in the table:"] + [f"- {d}" for d in incomplete]
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows: List[Dict[str, Any]], path_stem: Path, metric: str = "quant/test_acc") -> List[Path]:
+    """Accuracy (or degradation) against bits, one line per method with seed error bars (sd), the
+    float baseline as a band (mean ± sd); one panel per task. Saved as PNG and PDF."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] or r["data"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    scale = 1.0 if metric.endswith("degradation") else 100.0
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in rows if (r["task"] or r["data"]) == task and r["method"] != "none"]
+        floats = [r for r in rows if (r["task"] or r["data"]) == task]
+        if floats and not metric.endswith("degradation"):
+            f_mean = statistics.mean(r["float/test_acc/mean"] for r in floats) * 100
+            f_sd = max(r["float/test_acc/sd"] for r in floats) * 100
+            ax.axhspan(f_mean - f_sd, f_mean + f_sd, color="grey", alpha=0.25, label=f"float {f_mean:.1f}%")
+            ax.axhline(f_mean, color="grey", lw=1)
+        by_method: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
+        for r in mine:
+            label = r["method"] + (f" a{r['act_bits']}" if r["act_bits"] else "") + \
+                (f" s{r['state_bits']}" if r["state_bits"] else "")
+            by_method[label].append(r)
+        for label, rs in sorted(by_method.items()):
+            rs = sorted(rs, key=lambda r: r["bits"])
+            ax.errorbar([r["bits"] for r in rs], [scale * r[f"{metric}/mean"] for r in rs],
+                        yerr=[scale * r[f"{metric}/sd"] for r in rs], marker="o", capsize=3, label=label)
+        ax.set_xlabel("weight bits")
+        ax.set_ylabel("test accuracy (%)" if scale == 100.0 else "accuracy drop (points)")
+        ax.set_title(task)
+        ax.set_xticks(sorted({r["bits"] for r in mine}) or [2, 4, 8])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [path_stem.with_suffix(".png"), path_stem.with_suffix(".pdf")]
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    return paths

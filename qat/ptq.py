@@ -1,0 +1,193 @@
+"""Post-training quantization recipes: quantize the trained float model's weights (and, with
+`act_bits` / `state_bits`, its activations and LSTM state calibrated on training clips), without
+retraining.
+
+- `ptq_seed`: the study's scheme, per-tensor asymmetric min-max on every weight tensor.
+- `ptq`: the project's PTQ; per-channel weights with a range estimator from config and two
+  data-aware corrections measured on calibration clips (training data only):
+  * `gptq`: error-compensating rounding (GPTQ, Frantar et al. 2023): weights are rounded one input
+    row at a time and the rounding error is pushed onto the rows not yet rounded through the
+    inverse Hessian of the layer's inputs, H = X^T X. For the LSTM, X = [x_t, h_{t-1}] and the
+    kernel and recurrent kernel are rounded together, since both feed the same gate pre-activations.
+  * `bias_correction`: the mean shift that rounding leaves in every pre-activation is removed from
+    the bias.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Iterator
+
+import numpy as np
+
+from qat.export import write_packed_model
+from qat.quantize import calibrate, freeze_ranges, quantize_model, quantized_weights
+from qat.recipes import (QuantOptions, RecipeResult, RecipeSpec, check_options, float_weight, report_summary,
+                         weight_report)
+
+PTQ_OPTIONS = ("bias_correction", "gptq", "gptq_damp")
+
+
+def calibration_clips(x_train: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A fixed random subset of the training clips (never validation or test)."""
+    rng = np.random.default_rng(seed)
+    return x_train[np.sort(rng.permutation(len(x_train))[: min(n, len(x_train))])]
+
+
+def batches(x: np.ndarray, size: int = 64) -> Iterator[np.ndarray]:
+    for start in range(0, len(x), size):
+        yield x[start:start + size]
+
+
+def layer_input_means(model, layer_names, x: np.ndarray) -> Dict[str, np.ndarray]:
+    """Mean over clips (and time) of each named layer's input vector, in the float model."""
+    import tf_keras as keras
+
+    taps = keras.Model(model.inputs, [model.get_layer(n).input for n in layer_names])
+    sums = {n: 0.0 for n in layer_names}
+    counts = {n: 0 for n in layer_names}
+    for batch in batches(x):
+        outs = taps(batch, training=False)
+        for name, out in zip(layer_names, outs if isinstance(outs, (list, tuple)) else [outs]):
+            flat = np.asarray(out, np.float64).reshape(-1, out.shape[-1])   # clips (x time) rows
+            sums[name] = sums[name] + flat.sum(0)
+            counts[name] += flat.shape[0]
+    return {n: sums[n] / counts[n] for n in layer_names}
+
+
+def bias_correct(float_model, qmodel, x_calib: np.ndarray) -> Dict[str, float]:
+    """Shift each quantized layer's float bias so that its pre-activations keep their float mean:
+    b <- b - E[x] (W_q - W) [- E[h] (R_q - R) for the LSTM], with E[x] (E[h]: the mean hidden state)
+    measured on calibration clips in the float model. Returns the size of each correction (L2)."""
+    q = quantized_weights(qmodel)
+    layers = sorted({name.split("/")[0] for name in q if name.endswith("/kernel")})
+    layers = [n for n in layers if getattr(float_model.get_layer(n), "use_bias", False)]
+    if not layers:
+        return {}
+    means = layer_input_means(float_model, layers, x_calib)
+    h_means = {}
+    recurrent = [n for n in layers if f"{n}/recurrent_kernel" in q]
+    if recurrent:
+        import tf_keras as keras
+
+        taps = keras.Model(float_model.inputs, [float_model.get_layer(n).output for n in recurrent])
+        outs = taps.predict(x_calib, batch_size=64, verbose=0)
+        outs = outs if isinstance(outs, list) else [outs]
+        h_means = {n: o.reshape(-1, o.shape[-1]).astype(np.float64).mean(0) for n, o in zip(recurrent, outs)}
+    sizes = {}
+    for name in layers:
+        shift = means[name] @ (q[f"{name}/kernel"].values - float_weight(float_model, f"{name}/kernel"))
+        if name in h_means:
+            shift = shift + h_means[name] @ (q[f"{name}/recurrent_kernel"].values
+                                             - float_weight(float_model, f"{name}/recurrent_kernel"))
+        qmodel.get_layer(name).bias.assign(float_weight(float_model, f"{name}/bias") - shift.astype(np.float32))
+        sizes[name] = float(np.linalg.norm(shift))
+    return sizes
+
+
+def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+               qmin: int, qmax: int, damp: float = 0.01) -> np.ndarray:
+    """Round `w` [inputs, outputs] onto the grid scale * (q - zero_point) (one scale per output column
+    and input row block, broadcast to w's shape) minimising ||X w - X w_q||^2 for H = X^T X, by
+    rounding one input row at a time and compensating the rest (GPTQ). Returns grid values."""
+    w = np.array(w, np.float64)
+    h = np.array(hessian, np.float64)
+    scale = np.broadcast_to(scale, w.shape).astype(np.float64)
+    zero_point = np.broadcast_to(zero_point, w.shape).astype(np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[dead] = 0.0
+    h += damp * np.mean(np.diag(h)) * np.eye(len(h))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T          # upper Cholesky factor of H^-1
+    out = np.zeros_like(w)
+    for i in range(w.shape[0]):
+        q = np.clip(np.round(w[i] / scale[i] + zero_point[i]), qmin, qmax)
+        out[i] = scale[i] * (q - zero_point[i])
+        err = (w[i] - out[i]) / u[i, i]
+        w[i + 1:] -= np.outer(u[i, i + 1:], err)
+    return out.astype(np.float32)
+
+
+def _rows(tensor) -> np.ndarray:
+    return np.asarray(tensor, np.float64).reshape(-1, tensor.shape[-1])
+
+
+def gptq(float_model, qmodel, x_calib: np.ndarray, damp: float = 0.01) -> None:
+    """Re-round every quantized kernel of `qmodel` (ranges already frozen) with `gptq_round`, layer by
+    layer in model order; each layer's inputs come from `qmodel` with the layers before it already
+    rounded, so later layers compensate earlier errors."""
+    import tf_keras as keras
+
+    from qat.quantize import QUANTIZED_LAYERS
+
+    for layer in [l for l in qmodel.layers if isinstance(l, QUANTIZED_LAYERS) and "kernel" in l.weight_quantizers]:
+        taps = keras.Model(qmodel.inputs, [layer.input, layer.output])
+        recurrent = "recurrent_kernel" in layer.weight_quantizers
+        hessian = 0.0
+        for batch in batches(x_calib):
+            x, y = taps(batch, training=False)
+            rows = _rows(x)
+            if recurrent:   # h_{t-1}: the layer's own output shifted one step, zeros at t = 0
+                h_prev = np.concatenate([np.zeros_like(y[:, :1]), np.asarray(y)[:, :-1]], axis=1)
+                rows = np.concatenate([rows, _rows(h_prev)], axis=1)
+            hessian = hessian + rows.T @ rows
+        names = ["kernel", "recurrent_kernel"] if recurrent else ["kernel"]
+        weights = [getattr(layer, n).numpy() for n in names]
+        grids = [layer.weight_quantizers[n].scale_zero_point(getattr(layer, n)) for n in names]
+        scale = np.concatenate([np.broadcast_to(g[0].numpy(), w.shape) for g, w in zip(grids, weights)])
+        zp = np.concatenate([np.broadcast_to(g[1].numpy(), w.shape) for g, w in zip(grids, weights)])
+        spec = layer.weight_quantizers["kernel"].spec
+        rounded = gptq_round(np.concatenate(weights), hessian, scale, zp, spec.qmin, spec.qmax, damp)
+        start = 0
+        for n, w in zip(names, weights):
+            getattr(layer, n).assign(rounded[start:start + len(w)])
+            start += len(w)
+
+
+def run(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path, tracker, verbose: int = 0):
+    """`ptq` / `ptq_seed`: quantize, optionally bias-correct and calibrate, report, export packed."""
+    opts, rest = QuantOptions.pick(spec.options, spec.method)
+    bias_correction = bool(rest.pop("bias_correction", False))
+    use_gptq = bool(rest.pop("gptq", False))
+    damp = float(rest.pop("gptq_damp", 0.01))
+    check_options(spec.method, rest, PTQ_OPTIONS)
+    qmodel = quantize_model(model, opts.quant_config(spec))
+    calib = calibration_clips(feats.x["train"], opts.calibration_size, seed)
+    summary: Dict[str, Any] = {"quant/calibration_clips": len(calib)}
+    if use_gptq:
+        freeze_ranges(qmodel)
+        gptq(model, qmodel, calib, damp)
+    if bias_correction:
+        summary.update({f"quant/bias_correction/{k}": v for k, v in bias_correct(model, qmodel, calib).items()})
+    if spec.act_bits is not None or spec.state_bits is not None:
+        calibrate(qmodel, batches(calib))
+    freeze_ranges(qmodel)          # the evaluated model is the deployable one (see export)
+    report = weight_report(model, qmodel)
+    summary.update(report_summary(report))
+    summary["quant/size_bytes"] = write_packed_model(qmodel, Path(run_dir) / f"model_{spec.bits}bit.qlstm")
+    tracker.table("quant/weight_error", ["tensor", "bits", "mae", "mse", "sqnr_db", "levels"],
+                  [[n, r["bits"], r["mae"], r["mse"], r["sqnr_db"], r["levels"]] for n, r in report.items()])
+    return RecipeResult(qmodel, summary)
+
+
+TFLITE_OPTIONS = ("int8_io", "representative_size", "latency_clips")
+
+
+def run_tflite(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path, tracker, verbose: int = 0):
+    """`tflite_dynamic` / `tflite_float16` / `tflite_int8`: TFLite's own post-training modes, evaluated
+    through tf.lite.Interpreter. `bits` in the summary is what the mode stores weights in."""
+    from qat.export import tflite_model
+
+    options = dict(spec.options)
+    int8_io = bool(options.pop("int8_io", False))
+    n_rep = int(options.pop("representative_size", 200))
+    n_lat = int(options.pop("latency_clips", 100))
+    check_options(spec.method, options, TFLITE_OPTIONS)
+    mode = spec.method.removeprefix("tflite_")
+    tflite, info = tflite_model(model, mode, calibration_clips(feats.x["train"], n_rep, seed), int8_io)
+    path = Path(run_dir) / f"model_{mode}.tflite"
+    path.write_bytes(tflite.flatbuffer)
+    tflite.predict(feats.x["val"][:n_lat])
+    return RecipeResult(tflite, {"bits": 16 if mode == "float16" else 8, "quant/size_bytes": info["size_bytes"],
+                                 "quant/convert_s": info["convert_s"],
+                                 "quant/latency_ms": float(np.median(tflite.latencies_ms)),
+                                 "quant/int8_io": int8_io})

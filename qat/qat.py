@@ -1,0 +1,125 @@
+"""Quantization-aware training recipes: fine-tune the trained float model through its fake-quant twin.
+
+- `qat`: the project's QLSTM, straight-through rounding, weight ranges following the weights
+  (initialised with the chosen estimator), activation / state ranges calibrated on training clips.
+- `qat_lsq`: the same with learned step sizes (LSQ) for weights, activations and state.
+- `qat_tfmot`: the same model through tfmot's `quantize_apply` with this project's QuantizeConfigs.
+
+Options users of QAT expect: fine-tuning epochs and learning rate, freezing the ranges after N
+epochs, progressive lowering of bits (e.g. 8 -> 4 -> target), early stopping on the quantized
+model's validation accuracy (trainer.patience) with its best weights restored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import tf_keras as keras
+
+from qat import ConfigError
+from qat.export import load_packed_model, write_packed_model
+from qat.ptq import batches, calibration_clips
+from qat.quantize import calibrate, freeze_ranges, quantize_model
+from qat.recipes import QuantOptions, RecipeResult, RecipeSpec, check_bits, check_options, report_summary, weight_report
+from qat.training import TrainSpec, fit, set_seed
+
+QAT_OPTIONS = ("epochs", "learning_rate", "freeze_ranges_after", "progressive_bits", "learned")
+
+
+class FreezeRangesAfter(keras.callbacks.Callback):
+    """Freeze every quantization range of the model at the end of epoch N (1-based)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epochs:
+            freeze_ranges(self.model)
+
+
+def _options(spec: RecipeSpec):
+    opts, rest = QuantOptions.pick(spec.options, spec.method)
+    epochs = rest.pop("epochs", 10)
+    lr = rest.pop("learning_rate", 1e-4)
+    freeze_after = rest.pop("freeze_ranges_after", None)
+    progressive = list(rest.pop("progressive_bits", None) or [])
+    learned = bool(rest.pop("learned", spec.method == "qat_lsq"))
+    check_options(spec.method, rest, QAT_OPTIONS)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"quant.epochs={epochs!r} is not allowed: expected a positive integer")
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        raise ConfigError(f"quant.learning_rate={lr!r} is not allowed: expected a number > 0")
+    if freeze_after is not None and (isinstance(freeze_after, bool) or not isinstance(freeze_after, int)
+                                     or freeze_after < 1):
+        raise ConfigError(f"quant.freeze_ranges_after={freeze_after!r} is not allowed: expected null or an "
+                          "epoch number >= 1")
+    for b in progressive:
+        check_bits("quant.progressive_bits entry", b)
+        if b <= spec.bits:
+            raise ConfigError(f"quant.progressive_bits={progressive} is not allowed: expected bit-widths above "
+                              f"bits={spec.bits}, in decreasing order")
+    if progressive != sorted(progressive, reverse=True):
+        raise ConfigError(f"quant.progressive_bits={progressive} is not allowed: expected decreasing order")
+    return opts, epochs, float(lr), freeze_after, progressive, learned
+
+
+def copy_shadow_weights(src, dst) -> None:
+    """Carry the float (shadow) weights of one fake-quant model into another of the same layout."""
+    for layer in src.layers:
+        for name in ("kernel", "recurrent_kernel", "bias"):
+            a, b = getattr(layer, name, None), getattr(dst.get_layer(layer.name), name, None)
+            if a is not None and b is not None and hasattr(b, "assign"):
+                b.assign(a)
+
+
+def run(spec: RecipeSpec, model, feats, trainer: TrainSpec, seed: int, run_dir: Path, tracker, verbose: int = 0):
+    """`qat` / `qat_lsq`: fine-tune the fake-quant twin, stage by stage when bits are lowered
+    progressively, then freeze the ranges, report and export packed weights."""
+    opts, epochs, lr, freeze_after, progressive, learned = _options(spec)
+    set_seed(seed)
+    calib = calibration_clips(feats.x["train"], opts.calibration_size, seed)
+    stages: List[int] = progressive + [spec.bits]
+    qmodel, history, seconds = None, [], []
+    for stage, bits in enumerate(stages):
+        stage_spec = dataclasses.replace(spec, bits=bits)
+        twin = quantize_model(model, opts.quant_config(stage_spec, learned=learned))
+        if qmodel is not None:
+            copy_shadow_weights(qmodel, twin)
+        qmodel = twin
+        if spec.act_bits is not None or spec.state_bits is not None:
+            calibrate(qmodel, batches(calib))
+        callbacks = [FreezeRangesAfter(freeze_after)] if freeze_after and bits == spec.bits else []
+        result = fit(qmodel, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], trainer,
+                     epochs=epochs, learning_rate=lr, callbacks=callbacks, verbose=verbose,
+                     on_epoch=lambda e, logs, b=bits: tracker.log(
+                         {f"qat/train/{k}": v for k, v in logs.items()} | {"qat/epoch": e + 1, "qat/bits": b}))
+        history.append({"bits": bits, **result})
+        seconds.append(result["sec_per_epoch"])
+    freeze_ranges(qmodel)
+    report = weight_report(model, qmodel)
+    summary: Dict[str, Any] = report_summary(report)
+    path = Path(run_dir) / f"model_{spec.bits}bit.qlstm"
+    summary["quant/size_bytes"] = write_packed_model(qmodel, str(path))
+    summary.update({"qat/epochs": sum(h["epochs"] for h in history), "qat/sec_per_epoch": float(np.median(seconds)),
+                    "qat/stages": stages, "qat/learned": learned})
+    summary["qat/packed_matches"] = packed_predictions_match(qmodel, model, opts, spec, learned, path,
+                                                             feats.x["test"])
+    tracker.table("quant/weight_error", ["tensor", "bits", "mae", "mse", "sqnr_db", "levels"],
+                  [[n, r["bits"], r["mae"], r["mse"], r["sqnr_db"], r["levels"]] for n, r in report.items()])
+    return RecipeResult(qmodel, summary)
+
+
+def packed_predictions_match(qmodel, float_model, opts: QuantOptions, spec: RecipeSpec, learned: bool,
+                             path: Path, x: np.ndarray) -> bool:
+    """Rebuild the model from the packed file alone and check it predicts exactly the classes the
+    fake-quant graph predicts: the reported accuracy is that of the real b-bit model."""
+    rebuilt = quantize_model(float_model, opts.quant_config(spec, learned=learned))
+    freeze_ranges(rebuilt)
+    load_packed_model(rebuilt, str(path))
+    a = np.argmax(qmodel.predict(x, batch_size=256, verbose=0), -1)
+    b = np.argmax(rebuilt.predict(x, batch_size=256, verbose=0), -1)
+    return bool(np.array_equal(a, b))

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from qat.data import DataSpec
+from qat.experiment import RunSpec, train_float
+from qat.features import FeatureSpec, load_features
+from qat.models import ModelSpec
+from qat.ptq import bias_correct, calibration_clips
+from qat.quantize import quantize_model, quantized_weights
+from qat.recipes import QuantOptions, RecipeSpec, float_weight, weight_report
+from qat.tracking import Tracker
+
+
+def study_formula(w, b):
+    """The study's 4-bit scheme, written out independently: per-tensor asymmetric min-max."""
+    w = w.astype(np.float64)
+    lo, hi = min(w.min(), 0.0), max(w.max(), 0.0)
+    scale = (hi - lo) / (2 ** b - 1)
+    zp = np.round(-lo / scale)
+    q = np.clip(np.round(w / scale + zp), 0, 2 ** b - 1)
+    return scale * (q - zp)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from tests.conftest import SPEECH_COMMANDS
+
+    if not SPEECH_COMMANDS.is_dir():
+        pytest.skip(f"real speech data not found at {SPEECH_COMMANDS}")
+    feats = load_features(DataSpec(root=str(SPEECH_COMMANDS), limit_per_class=60), FeatureSpec(),
+                          str(tmp_path_factory.mktemp("cache")))
+    model, _ = train_float(RunSpec(model=ModelSpec(units=24), trainer=__import__("qat.training").training.TrainSpec(
+        epochs=3, batch_size=32)), feats, Tracker())
+    return model, feats
+
+
+def test_ptq_seed_is_the_studys_formula(trained):
+    model, _ = trained
+    spec = RecipeSpec(method="ptq_seed", bits=4)
+    qmodel = quantize_model(model, QuantOptions().quant_config(spec))
+    report = weight_report(model, qmodel)
+    assert set(report) == {"lstm/kernel", "lstm/recurrent_kernel", "lstm/bias", "dense/kernel", "dense/bias"}
+    for name, q in quantized_weights(qmodel).items():
+        w = float_weight(model, name)
+        ref = study_formula(w, 4)
+        np.testing.assert_allclose(q.values, ref, atol=1e-6 * np.abs(w).max())
+        assert report[name]["mae"] == pytest.approx(np.abs(ref - w).mean(), rel=1e-3)
+        assert report[name]["mse"] == pytest.approx(((ref - w) ** 2).mean(), rel=1e-3)
+        assert report[name]["levels"] <= 16 and report[name]["levels_ok"]
+
+
+def test_bias_correction_restores_mean_pre_activation(trained):
+    model, feats = trained
+    spec = RecipeSpec(method="ptq", bits=3)
+    qmodel = quantize_model(model, QuantOptions(granularity="per_channel", bias=False).quant_config(spec))
+    x = calibration_clips(feats.x["train"], 64, 0)
+    flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    w, b = float_weight(model, "lstm/kernel"), float_weight(model, "lstm/bias")
+    wq = quantized_weights(qmodel)["lstm/kernel"].values
+    before = np.abs((flat @ wq + b).mean(0) - (flat @ w + b).mean(0)).max()
+    sizes = bias_correct(model, qmodel, x)
+    assert set(sizes) == {"lstm", "dense"}
+    b_new = qmodel.get_layer("lstm").bias.numpy()
+    # Only the input part can be checked in closed form; E[h] enters through the recurrent term.
+    h_part = b_new - b + (flat.mean(0) @ (wq - w))
+    after = np.abs((flat @ wq + b_new - h_part).mean(0) - (flat @ w + b).mean(0)).max()
+    assert before > 0 and after < 1e-4 * max(before, 1e-3) + 1e-6
