@@ -123,3 +123,43 @@ def packed_predictions_match(qmodel, float_model, opts: QuantOptions, spec: Reci
     a = np.argmax(qmodel.predict(x, batch_size=256, verbose=0), -1)
     b = np.argmax(rebuilt.predict(x, batch_size=256, verbose=0), -1)
     return bool(np.array_equal(a, b))
+
+
+def run_tfmot(spec: RecipeSpec, model, feats, trainer: TrainSpec, seed: int, run_dir: Path, tracker,
+              verbose: int = 0):
+    """`qat_tfmot`: QAT through tfmot's `quantize_apply` with the project's n-bit QuantizeConfigs, for
+    comparison with tfmot's own machinery. tfmot cannot quantize the recurrent state, learn step sizes
+    or lower bits progressively (see qat.tfmot_config)."""
+    from qat.tfmot_config import tfmot_quantize
+
+    opts, epochs, lr, freeze_after, progressive, learned = _options(spec)
+    unsupported = {"state_bits": spec.state_bits, "quant.progressive_bits": progressive or None,
+                   "quant.learned": learned or None, "quant.freeze_ranges_after": freeze_after}
+    for name, value in unsupported.items():
+        if value is not None:
+            raise ConfigError(f"{name}={value} is not allowed with quant.method=qat_tfmot: tfmot cannot do it "
+                              "(use quant=qat or quant=qat_lsq)")
+    set_seed(seed)
+    qmodel = tfmot_quantize(model, spec.bits, spec.act_bits, per_channel=opts.granularity == "per_channel",
+                            symmetric=opts.scheme == "symmetric", narrow_range=opts.narrow_range)
+    result = fit(qmodel, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], trainer,
+                 epochs=epochs, learning_rate=lr, verbose=verbose,
+                 on_epoch=lambda e, logs: tracker.log({f"qat/train/{k}": v for k, v in logs.items()} |
+                                                     {"qat/epoch": e + 1}))
+    summary: Dict[str, Any] = {"qat/epochs": result["epochs"], "qat/sec_per_epoch": result["sec_per_epoch"]}
+    levels_ok, n_bits, n_float = True, 0, 0
+    for layer in qmodel.layers:
+        for weight, quantizer, qvars in getattr(layer, "_weight_vars", []):
+            wq = quantizer(weight, False, weights=qvars).numpy()
+            groups = wq.reshape(-1, wq.shape[-1]).T if opts.granularity == "per_channel" else wq.reshape(1, -1)
+            levels = max(len(np.unique(g)) for g in groups)
+            name = weight.name.split(":")[0].replace("/lstm_cell", "")
+            summary[f"quant/weights/{name}/levels"] = levels
+            summary[f"quant/weights/{name}/mse"] = float(np.mean((wq - weight.numpy()) ** 2))
+            levels_ok &= levels <= 2 ** spec.bits
+            n_bits += wq.size
+    n_float = sum(int(np.prod(w.shape)) for w in model.weights) - n_bits
+    summary["quant/levels_ok"] = bool(levels_ok)
+    # tfmot keeps float shadow weights: the deployable size is b bits per quantized weight, float32 biases.
+    summary["quant/size_bytes"] = int(np.ceil(n_bits * spec.bits / 8) + 4 * n_float)
+    return RecipeResult(qmodel, summary)

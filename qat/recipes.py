@@ -142,9 +142,22 @@ def _tflite(*args, **kwargs):
     return ptq.run_tflite(*args, **kwargs)
 
 
+def _qat(*args, **kwargs):
+    from qat import qat
+
+    return qat.run(*args, **kwargs)
+
+
+def _qat_tfmot(*args, **kwargs):
+    from qat import qat
+
+    return qat.run_tfmot(*args, **kwargs)
+
+
 RECIPES: Dict[str, Callable[..., RecipeResult]] = {
     "none": float_only, "ptq_seed": _ptq, "ptq": _ptq,
     "tflite_dynamic": _tflite, "tflite_float16": _tflite, "tflite_int8": _tflite,
+    "qat": _qat, "qat_lsq": _qat, "qat_tfmot": _qat_tfmot,
 }
 
 
