@@ -1,0 +1,72 @@
+"""QAT recipes on a small real task: they train, honour 2^b levels, and the packed export predicts
+exactly what the fake-quant graph predicts."""
+import numpy as np
+import pytest
+
+from qat import ConfigError
+from qat.data import DataSpec
+from qat.experiment import RunSpec, train_float
+from qat.features import FeatureSpec, load_features
+from qat.models import ModelSpec
+from qat.recipes import RecipeSpec, run_recipe
+from qat.tracking import Tracker
+from qat.training import TrainSpec
+
+TRAINER = TrainSpec(epochs=2, batch_size=32, patience=0)
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory):
+    from tests.conftest import SPEECH_COMMANDS
+
+    if not SPEECH_COMMANDS.is_dir():
+        pytest.skip(f"real speech data not found at {SPEECH_COMMANDS}")
+    feats = load_features(DataSpec(root=str(SPEECH_COMMANDS), limit_per_class=40),
+                          FeatureSpec(log=True, normalize=True), str(tmp_path_factory.mktemp("cache")))
+    model, _ = train_float(RunSpec(model=ModelSpec(units=12), features=FeatureSpec(log=True, normalize=True),
+                                   trainer=TRAINER), feats, Tracker())
+    return model, feats
+
+
+def _run(float_model, tmp_path, method, bits, act_bits=None, state_bits=None, **options):
+    model, feats = float_model
+    spec = RecipeSpec(method=method, bits=bits, act_bits=act_bits, state_bits=state_bits,
+                      options={"epochs": 2, "calibration_size": 64, **options})
+    return run_recipe(spec, model, feats, TRAINER, 0, tmp_path, Tracker())
+
+
+@pytest.mark.parametrize("method,bits,act,state", [("qat", 2, None, None), ("qat", 3, 4, 4), ("qat_lsq", 2, 4, 4)])
+def test_qat_levels_and_packed_export(float_model, tmp_path, method, bits, act, state):
+    result = _run(float_model, tmp_path, method, bits, act, state)
+    s = result.summary
+    assert s["quant/levels_ok"] and s["qat/packed_matches"]
+    assert all(v <= 2 ** bits for k, v in s.items() if k.endswith("/levels"))
+    assert (tmp_path / f"model_{bits}bit.qlstm").stat().st_size == s["quant/size_bytes"]
+    assert s["qat/epochs"] == 2
+
+
+def test_qat_moves_the_weights_and_lowers_bits_progressively(float_model, tmp_path):
+    model, _ = float_model
+    result = _run(float_model, tmp_path, "qat", 2, progressive_bits=[6, 4], freeze_ranges_after=1,
+                  learning_rate=1e-3)
+    assert result.summary["qat/stages"] == [6, 4, 2] and result.summary["qat/epochs"] == 6
+    moved = np.abs(result.model.get_layer("lstm").kernel.numpy() - model.get_layer("lstm").cell.kernel.numpy())
+    assert moved.max() > 0
+
+
+def test_qat_tfmot(float_model, tmp_path):
+    result = _run(float_model, tmp_path, "qat_tfmot", 3, scheme="symmetric")
+    assert result.summary["quant/levels_ok"]
+    assert any(k.startswith("quant/weights/lstm") for k in result.summary)
+    with pytest.raises(ConfigError, match="state_bits=4 is not allowed with quant.method=qat_tfmot"):
+        _run(float_model, tmp_path, "qat_tfmot", 3, state_bits=4)
+
+
+@pytest.mark.parametrize("options,needle", [({"epochs": 0}, "quant.epochs=0"),
+                                            ({"progressive_bits": [2]}, "progressive_bits"),
+                                            ({"progressive_bits": [4, 8]}, "decreasing"),
+                                            ({"learning_rate": -1}, "learning_rate"),
+                                            ({"warmup": 3}, "quant.warmup is not an option")])
+def test_bad_qat_options(float_model, tmp_path, options, needle):
+    with pytest.raises(ConfigError, match=needle):
+        _run(float_model, tmp_path, "qat", 3, **options)
