@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 SUMMARY = "summary.json"
 GROUP_KEYS = ("data", "task", "method", "bits", "act_bits", "state_bits")
 FIGURES = ("quant/test_acc", "quant/degradation", "float/test_acc", "quant/test_balanced_acc",
-           "quant/size_bytes")
+           "quant/size_bytes", "quant/latency_ms", "predict/degradation")
 
 
 @dataclass
@@ -86,13 +86,18 @@ def markdown(rows: List[Dict[str, Any]], incomplete: List[str]) -> str:
     """The table as markdown: accuracies in %, degradation in points, mean ± sd over seeds."""
     pm = lambda row, fig, scale=100.0: (f"{scale * row[f'{fig}/mean']:.2f} ± {scale * row[f'{fig}/sd']:.2f}"
                                         if not math.isnan(row[f"{fig}/mean"]) else "n/a")
-    lines = ["| data | method | bits | act | state | n | float acc % | quant acc % | degradation (pts) | size (KiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    optional = [(fig, title, scale) for fig, title, scale in
+                 (("predict/degradation", "predicted drop (pts)", 1.0), ("quant/latency_ms", "latency (ms)", 1.0))
+                 if any(not math.isnan(r[f"{fig}/mean"]) for r in rows)]
+    lines = ["| data | method | bits | act | state | n | float acc % | quant acc % | degradation (pts) | "
+             + "".join(f"{title} | " for _, title, _ in optional) + "size (KiB) |",
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(optional) + "---|"]
     for r in rows:
         size = r["quant/size_bytes/mean"]
         lines.append(f"| {r['task'] or r['data']} | {r['method']} | {r['bits']} | {r['act_bits'] or '-'} "
                      f"| {r['state_bits'] or '-'} | {r['n']} | {pm(r, 'float/test_acc')} | {pm(r, 'quant/test_acc')} "
-                     f"| {pm(r, 'quant/degradation', 1.0)} | {size / 1024:.1f} |")
+                     f"| {pm(r, 'quant/degradation', 1.0)} | "
+                     + "".join(f"{pm(r, fig, scale)} | " for fig, _, scale in optional) + f"{size / 1024:.1f} |")
     if incomplete:
         lines += ["", f"Incomplete runs ({len(incomplete)}), not in the table:"] + [f"- {d}" for d in incomplete]
     return "\n".join(lines) + "\n"
