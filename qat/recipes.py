@@ -126,8 +126,8 @@ class RecipeResult:
 
 
 def float_only(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path, tracker, verbose: int):
-    """`quant.method=none`: the float model is the result."""
-    return RecipeResult(model)
+    """`quant.method=none`: the float model is the result (its weights are 32-bit floats)."""
+    return RecipeResult(model, {"bits": 32})
 
 
 def _ptq(*args, **kwargs):

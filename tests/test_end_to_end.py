@@ -1,5 +1,6 @@
 """train.py and evaluate.py as a user runs them: real data, real Hydra, real W&B offline runs."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,9 @@ SHARED_KEYS = {"method", "bits", "seed", "float/test_acc", "float/test_balanced_
                "float/epochs", "float/size_bytes", "quant/size_bytes"}
 
 
-def run(script, *overrides, cwd=REPO):
+def run(script, *overrides, cwd=REPO, env=None):
     proc = subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
     return proc
 
 
@@ -50,7 +51,27 @@ def test_train_then_evaluate(speech_commands_root, tmp_path):
     assert ev.returncode == 0, ev.stderr[-3000:]
     evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert evaluated["float/test_acc"] == summary["float/test_acc"]
+    assert evaluated["quant/test_acc"] == summary["quant/test_acc"]       # same recipe, same answer
     assert list((tmp_path / "eval" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+    # The saved run at another recipe and bit-width; the run folder itself is left untouched.
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    ev3 = run("evaluate.py", f"run_dir={run_dir}", "quant=ptq_seed", "bits=3", "logger=none",
+              f"hydra.run.dir={tmp_path / 'eval3'}")
+    assert ev3.returncode == 0, ev3.stderr[-3000:]
+    at3 = json.loads((tmp_path / "eval3" / "summary.json").read_text())
+    assert (at3["method"], at3["bits"], at3["quant/levels_ok"]) == ("ptq_seed", 3, True)
+    assert at3["float/test_acc"] == summary["float/test_acc"]
+    assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
+def test_unreachable_wandb_falls_back_to_offline(speech_commands_root, tmp_path):
+    proc = run("train.py", *small(tmp_path, "online"), "quant=none", "logger.mode=online", "logger.init_timeout=15",
+               env={"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "logged offline instead" in proc.stdout + proc.stderr   # Hydra logs to stdout
+    assert (tmp_path / "online" / "summary.json").exists()
+    assert list((tmp_path / "online" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
