@@ -18,13 +18,21 @@ def composed(*overrides, name="config"):
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def test_default_config_is_the_study():
-    spec = run_spec(composed())
+def test_study_preset_is_the_study():
+    spec = run_spec(composed("experiment=study"))
     assert spec.data.name == "speech_commands" and spec.data.task == "seed"
     assert spec.data.root.endswith("shared/data/speech_commands_v2_test")
     assert (spec.features.frame_length, spec.features.frame_step, spec.features.fft_length) == (480, 320, 512)
-    assert spec.model.units == 80 and spec.model.layers == 1
-    assert spec.recipe.bits == 4 and spec.seed == 0
+    assert (spec.features.mel_bins, spec.features.log, spec.features.normalize) == (0, False, False)
+    assert spec.model.units == 80 and spec.model.layers == 1 and spec.model.dropout == 0
+    assert not spec.trainer.augment
+
+
+def test_default_config():
+    spec = run_spec(composed())
+    assert spec.data.task == "seed" and spec.model.units == 80
+    assert (spec.features.mel_bins, spec.features.log, spec.features.normalize) == (40, True, True)
+    assert spec.recipe.method == "ptq" and spec.recipe.bits == 4 and spec.seed == 0
     assert logger_spec(composed()).mode == "offline"
 
 
