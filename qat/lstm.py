@@ -118,9 +118,9 @@ class QLSTM(keras.layers.Layer):
         inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
         recorded = {"input": inputs} if record else {}
         x = self._quant("input")(inputs)
-        if training and self.dropout > 0:        # one mask per sequence, as Keras does
-            mask = tf.nn.dropout(tf.ones_like(x[:, :1, :]), rate=self.dropout)
-            x = x * mask
+        if training and self.dropout > 0:
+            # As Keras' LSTM (its fused path): a fresh mask for every time step, not one per sequence.
+            x = tf.nn.dropout(x, rate=self.dropout)
         kernel, rec_kernel = self.quantized_weight("kernel"), self.quantized_weight("recurrent_kernel")
         batch = tf.shape(inputs)[0]
         # input projection for all time steps at once, time-major (faster on CPU than an einsum)

@@ -184,3 +184,26 @@ def test_fresh_layer_initialises_like_keras_lstm():
     q(_x()), k(_x())
     np.testing.assert_array_equal(q.bias.numpy(), k.cell.bias.numpy())      # forget-gate bias 1
     assert q.kernel.shape == k.cell.kernel.shape and q.recurrent_kernel.shape == k.cell.recurrent_kernel.shape
+
+
+def test_input_dropout_matches_keras_statistics():
+    """Training-mode input dropout must be the Keras LSTM's (a new mask at every time step): a model
+    trained with Keras dropout is fine-tuned through QLSTM in QAT. One mask per sequence instead
+    drops a feature for the whole utterance and gives a much larger output variance across calls."""
+    import tf_keras as keras
+
+    from qat.lstm import QLSTM
+
+    keras.utils.set_random_seed(3)
+    x = np.random.default_rng(0).normal(size=(256, 30, 12)).astype(np.float32)
+    lstm = keras.layers.LSTM(16, return_sequences=True, dropout=0.5)
+    lstm(x)
+    q = QLSTM.from_float(lstm, {})
+    q(x)
+    q.copy_float_weights(lstm)
+    mean_k = np.mean([lstm(x, training=True).numpy() for _ in range(20)], axis=(0, 1))   # per (time, unit)
+    mean_q = np.mean([q(x, training=True).numpy() for _ in range(20)], axis=(0, 1))
+    spread_k = np.std([lstm(x, training=True).numpy() for _ in range(20)], axis=0).mean()
+    spread_q = np.std([q(x, training=True).numpy() for _ in range(20)], axis=0).mean()
+    assert abs(spread_q / spread_k - 1) < 0.1
+    assert np.abs(mean_q - mean_k).max() < 0.1 * np.abs(mean_k).mean() + 5e-3
