@@ -7,7 +7,8 @@
 
 Options users of QAT expect: fine-tuning epochs and learning rate, freezing the ranges after N
 epochs, progressive lowering of bits (e.g. 8 -> 4 -> target), early stopping on the quantized
-model's validation accuracy (trainer.patience) with its best weights restored.
+model's validation accuracy (trainer.patience) with its best weights restored; the model before
+fine-tuning is one of the candidates, so QAT never ends below its starting point on validation.
 """
 from __future__ import annotations
 
@@ -67,6 +68,12 @@ def _options(spec: RecipeSpec):
     return opts, epochs, float(lr), freeze_after, progressive, learned
 
 
+def validation_accuracy(model, feats) -> float:
+    """Accuracy on the validation split (used to choose between starting point and fine-tuned model)."""
+    pred = np.argmax(model.predict(feats.x["val"], batch_size=256, verbose=0), -1)
+    return float(np.mean(pred == feats.y["val"]))
+
+
 def copy_shadow_weights(src, dst) -> None:
     """Carry the float (shadow) weights of one fake-quant model into another of the same layout."""
     for layer in src.layers:
@@ -93,10 +100,15 @@ def run(spec: RecipeSpec, model, feats, trainer: TrainSpec, seed: int, run_dir: 
         if spec.act_bits is not None or spec.state_bits is not None:
             calibrate(qmodel, batches(calib))
         callbacks = [FreezeRangesAfter(freeze_after)] if freeze_after and bits == spec.bits else []
+        start_weights, start_acc = qmodel.get_weights(), validation_accuracy(qmodel, feats)
         result = fit(qmodel, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], trainer,
                      epochs=epochs, learning_rate=lr, callbacks=callbacks, verbose=verbose,
                      on_epoch=lambda e, logs, b=bits: tracker.log(
                          {f"qat/train/{k}": v for k, v in logs.items()} | {"qat/epoch": e + 1, "qat/bits": b}))
+        # The starting point competes with the fine-tuned epochs: fine-tuning never lowers val accuracy.
+        result["kept_start"] = max(result["history"].get("val_accuracy", [0.0])) < start_acc
+        if result["kept_start"]:
+            qmodel.set_weights(start_weights)
         history.append({"bits": bits, **result})
         seconds.append(result["sec_per_epoch"])
     freeze_ranges(qmodel)
@@ -105,7 +117,8 @@ def run(spec: RecipeSpec, model, feats, trainer: TrainSpec, seed: int, run_dir: 
     path = Path(run_dir) / f"model_{spec.bits}bit.qlstm"
     summary["quant/size_bytes"] = write_packed_model(qmodel, str(path))
     summary.update({"qat/epochs": sum(h["epochs"] for h in history), "qat/sec_per_epoch": float(np.median(seconds)),
-                    "qat/stages": stages, "qat/learned": learned})
+                    "qat/stages": stages, "qat/learned": learned,
+                    "qat/kept_start": history[-1]["kept_start"]})
     summary["qat/packed_matches"] = packed_predictions_match(qmodel, model, opts, spec, learned, path,
                                                              feats.x["test"])
     tracker.table("quant/weight_error", ["tensor", "bits", "mae", "mse", "sqnr_db", "levels"],

@@ -42,7 +42,7 @@ def test_qat_levels_and_packed_export(float_model, tmp_path, method, bits, act, 
     assert s["quant/levels_ok"] and s["qat/packed_matches"]
     assert all(v <= 2 ** bits for k, v in s.items() if k.endswith("/levels"))
     assert (tmp_path / f"model_{bits}bit.qlstm").stat().st_size == s["quant/size_bytes"]
-    assert s["qat/epochs"] == 2
+    assert s["qat/epochs"] == 2 and isinstance(s["qat/kept_start"], bool)
 
 
 def test_qat_moves_the_weights_and_lowers_bits_progressively(float_model, tmp_path):
