@@ -68,12 +68,19 @@ def train_float(spec: RunSpec, feats: Features, tracker: Tracker):
     if spec.features.normalize:
         mean, var = normalization_stats(feats.x["train"])
     model = build_model(feats.input_shape, len(feats.class_names), spec.model, mean, var)
+    train_data, steps, aug = None, None, {}
+    if spec.trainer.augment:   # waveforms are read only here: runs without augmentation use cached features
+        from qat.augment import augmented_training_data
+
+        train_data, steps, aug = augmented_training_data(spec.data, spec.features, spec.trainer,
+                                                         feats.files["train"], feats.y["train"], spec.seed)
     start = time.perf_counter()
     result = fit(model, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], spec.trainer,
-                 verbose=spec.verbose,
+                 verbose=spec.verbose, train_data=train_data, steps_per_epoch=steps,
                  on_epoch=lambda e, logs: tracker.log({f"float/train/{k}": v for k, v in logs.items()} |
                                                       {"float/epoch": e + 1}))
     result["train_seconds"] = time.perf_counter() - start
+    result.update(aug)
     return model, result
 
 

@@ -28,12 +28,18 @@ def test_study_preset_is_the_study():
     assert not spec.trainer.augment
 
 
-def test_default_config():
+def test_default_config_is_the_study_with_4_bit_ptq():
+    assert run_spec(composed()) == run_spec(composed("experiment=study"))
     spec = run_spec(composed())
-    assert spec.data.task == "seed" and spec.model.units == 80
-    assert (spec.features.mel_bins, spec.features.log, spec.features.normalize) == (40, True, True)
     assert spec.recipe.method == "ptq" and spec.recipe.bits == 4 and spec.seed == 0
     assert logger_spec(composed()).mode == "offline"
+
+
+def test_seed_task_best_preset():
+    spec = run_spec(composed("experiment=seed_task_best"))
+    assert spec.model.units == 80 and spec.model.dropout == 0.3
+    assert (spec.features.mel_bins, spec.features.log, spec.features.normalize) == (40, True, True)
+    assert spec.trainer.time_shift_ms == 100 and spec.trainer.augment
 
 
 def test_data_groups_compose():

@@ -1,0 +1,188 @@
+"""Waveform augmentation for keyword spotting: a random time shift and background-noise mixing at a
+random signal-to-noise ratio, applied to the training clips batch by batch in a tf.data pipeline that
+computes the features on the fly (`qat.features.features_tf`, the same front end as the cached
+features), so every epoch sees new variants of the clips.
+
+Randomness is stateless and keyed by (seed, step): the same seed gives the same augmented batches.
+
+Background noise: the `_silence_` clips of a Speech Commands folder (one-second recordings of real
+background noise) or the long `_background_noise_` recordings (cut into clip-length pieces). Clips of
+a `_silence_` folder are also examples of the kws12 task, so only those that the data set's hashed
+speaker split puts into "train" are used as noise: no test clip ever leaks into training.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from qat import ConfigError
+from qat.data import SILENCE, DataSpec, load_waveforms, read_wav, speaker_of, split_of
+
+log = logging.getLogger(__name__)
+
+BACKGROUND = "_background_noise_"
+NOISE_FOLDERS = (SILENCE, BACKGROUND)   # looked up under data.root, in this order
+MIN_NOISE_RMS = 1e-4                    # quieter clips are digital silence, not noise: left out
+
+
+def noise_folder(data: DataSpec, noise_dir: Optional[str]) -> Optional[Path]:
+    """The folder of background-noise WAVs: `noise_dir` if given (it must exist), else the data
+    set's own `_silence_` or `_background_noise_` folder, else None (the data set has none)."""
+    if noise_dir:
+        path = Path(os.path.expanduser(noise_dir))
+        if not path.is_dir():
+            raise ConfigError(f"trainer.noise_dir={noise_dir!r} is not a folder: expected a folder of "
+                              "background-noise WAV files (e.g. <speech commands>/_silence_)")
+        return path
+    root = Path(os.path.expanduser(data.root)) if data.root else None
+    for name in NOISE_FOLDERS:
+        if root is not None and (root / name).is_dir():
+            return root / name
+    return None
+
+
+def noise_files(data: DataSpec, noise_dir: Optional[str]) -> List[str]:
+    """The noise WAVs to mix into training clips. Clips of a `_silence_` folder are kept only where
+    the data set's speaker-hash split (file stem as id, as `qat.data.list_files` does) says "train"."""
+    folder = noise_folder(data, noise_dir)
+    if folder is None:
+        return []
+    files = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() == ".wav" and p.is_file())
+    if folder.name == SILENCE:
+        files = [f for f in files
+                 if split_of(speaker_of(f), data.val_percent, data.test_percent, data.split_salt) == "train"]
+    return files
+
+
+def load_noise(files: Sequence[str], sample_rate: int, num_samples: int) -> np.ndarray:
+    """[K, num_samples] float32 noise pieces: each file cut into clip-length pieces (a shorter file is
+    one zero-padded piece); near-silent pieces (RMS < MIN_NOISE_RMS) are left out."""
+    import soundfile
+
+    pieces = []
+    for path in files:
+        try:
+            info = soundfile.info(path)
+        except Exception as e:  # libsndfile's errors for corrupt / non-audio files
+            raise ConfigError(f"cannot read noise WAV file {path}: {str(e).splitlines()[0] if str(e) else e}")
+        length = max(num_samples, int(round(info.frames * sample_rate / info.samplerate)))
+        audio = read_wav(path, sample_rate, length)
+        for start in range(0, max(len(audio) - num_samples, 0) + 1, num_samples):
+            pieces.append(audio[start:start + num_samples])
+    bank = np.asarray(pieces, np.float32).reshape(-1, num_samples)
+    rms = np.sqrt(np.mean(np.square(bank, dtype=np.float64), axis=1))
+    return bank[rms >= MIN_NOISE_RMS]
+
+
+def time_shift(waves, max_shift: int, seed):
+    """Shift each clip of a [batch, samples] tensor by a uniform random number of samples in
+    [-max_shift, max_shift], filling with zeros: the length is unchanged."""
+    import tensorflow as tf
+
+    if max_shift <= 0:
+        return waves
+    n = tf.shape(waves)[1]
+    offsets = tf.random.stateless_uniform([tf.shape(waves)[0]], seed, minval=0, maxval=2 * max_shift + 1,
+                                          dtype=tf.int32)
+    padded = tf.pad(waves, [[0, 0], [max_shift, max_shift]])
+    idx = offsets[:, None] + tf.range(n)[None, :]
+    return tf.gather(padded, idx, batch_dims=1)
+
+
+def rms(x, axis=-1):
+    import tensorflow as tf
+
+    return tf.sqrt(tf.reduce_mean(tf.square(x), axis=axis))
+
+
+def mix_noise(waves, noise, prob: float, snr_db: Tuple[float, float], seed):
+    """Add a random piece of `noise` ([K, samples]) to each clip with probability `prob`, scaled so
+    that RMS(clip) / RMS(noise) is a uniform random SNR in [snr_db[0], snr_db[1]] dB."""
+    import tensorflow as tf
+
+    if prob <= 0 or noise is None or noise.shape[0] == 0:
+        return waves
+    batch = tf.shape(waves)[0]
+    s_pick, s_snr, s_on = (tf.random.experimental.stateless_fold_in(seed, i) for i in (1, 2, 3))
+    pick = tf.random.stateless_uniform([batch], s_pick, minval=0, maxval=noise.shape[0], dtype=tf.int32)
+    chosen = tf.gather(noise, pick)
+    snr = tf.random.stateless_uniform([batch], s_snr, minval=float(snr_db[0]), maxval=float(snr_db[1]))
+    on = tf.cast(tf.random.stateless_uniform([batch], s_on) < prob, waves.dtype)
+    gain = rms(waves) / (tf.maximum(rms(chosen), 1e-12) * tf.pow(10.0, snr / 20.0))
+    return waves + (on * gain)[:, None] * chosen
+
+
+def augment(waves, seed, *, max_shift: int = 0, noise=None, noise_prob: float = 0.0,
+            snr_db: Tuple[float, float] = (10.0, 30.0)):
+    """Time shift, then noise mixing, of a [batch, samples] tensor; `seed` is a stateless seed
+    (shape [2] integers): the same seed gives the same result."""
+    import tensorflow as tf
+
+    seed = tf.cast(seed, tf.int64)
+    waves = time_shift(waves, max_shift, tf.random.experimental.stateless_fold_in(seed, 0))
+    return mix_noise(waves, noise, noise_prob, snr_db, tf.random.experimental.stateless_fold_in(seed, 1))
+
+
+def training_dataset(waves: np.ndarray, labels: np.ndarray, feature_spec, sample_rate: int, batch_size: int,
+                     seed: int, *, max_shift: int = 0, noise: Optional[np.ndarray] = None,
+                     noise_prob: float = 0.0, snr_db: Tuple[float, float] = (10.0, 30.0)):
+    """An endless tf.data pipeline of (features, labels) batches: clips shuffled each epoch, augmented
+    and turned into features on the fly. Returns (dataset, steps_per_epoch); batches never straddle
+    epochs. Deterministic given `seed`."""
+    import tensorflow as tf
+
+    from qat.features import features_tf
+
+    if len(waves) != len(labels):
+        raise ValueError(f"{len(waves)} waveforms but {len(labels)} labels")
+    steps = int(np.ceil(len(waves) / batch_size))
+    noise_t = None if noise is None or len(noise) == 0 else tf.constant(noise, tf.float32)
+
+    def step(i, batch):
+        x, y = batch
+        x = augment(x, tf.stack([tf.constant(seed, tf.int64), i]), max_shift=max_shift, noise=noise_t,
+                    noise_prob=noise_prob, snr_db=snr_db)
+        return features_tf(x, feature_spec, sample_rate), y
+
+    ds = tf.data.Dataset.from_tensor_slices((waves.astype(np.float32), labels.astype(np.int64)))
+    ds = ds.shuffle(len(waves), seed=seed, reshuffle_each_iteration=True).batch(batch_size).repeat()
+    ds = ds.enumerate().map(step, num_parallel_calls=2, deterministic=True).prefetch(2)
+    return ds, steps
+
+
+def augmented_training_data(data: DataSpec, feature_spec, trainer, files: Sequence[str], labels: np.ndarray,
+                            seed: int):
+    """The training clips (`files`, in the order of `labels`) as an augmented pipeline set up from the
+    trainer's settings (`time_shift_ms`, `noise_prob`, `noise_snr_db`, `noise_dir`).
+
+    Returns (dataset, steps_per_epoch, info) with info = {"aug_noise_pieces": K, "aug_setup_s": s}.
+    Where noise mixing is on but neither `noise_dir` nor the data set provide noise (FSDD), mixing is
+    left off with a warning and K = 0.
+    """
+    t0 = time.perf_counter()
+    waves, kept = load_waveforms(list(files), data)
+    if not kept.all() or len(waves) != len(labels):
+        raise ConfigError(f"{int((~kept).sum())} training clip(s) of {data.name!r} are unreadable now but were "
+                          "read when the features were cached: clear the feature cache (cache_dir) and rerun")
+    noise = None
+    if trainer.noise_prob > 0:
+        noise_list = noise_files(data, trainer.noise_dir)
+        noise = load_noise(noise_list, data.sample_rate, data.num_samples) if noise_list else None
+        if noise is None or len(noise) == 0:
+            log.warning("trainer.noise_prob=%s but data %r has no background noise (no %s folder under %s): "
+                        "noise mixing is off; set trainer.noise_dir=<folder of noise WAVs> to mix noise",
+                        trainer.noise_prob, data.name, " or ".join(NOISE_FOLDERS), data.root)
+            noise = None
+        else:
+            log.info("noise mixing: %d noise pieces from %d files", len(noise), len(noise_list))
+    max_shift = int(round(trainer.time_shift_ms * data.sample_rate / 1000.0))
+    dataset, steps = training_dataset(waves, labels, feature_spec, data.sample_rate, trainer.batch_size, seed,
+                                      max_shift=max_shift, noise=noise, noise_prob=trainer.noise_prob,
+                                      snr_db=trainer.noise_snr_db)
+    return dataset, steps, {"aug_noise_pieces": 0 if noise is None else int(len(noise)),
+                            "aug_setup_s": time.perf_counter() - t0}

@@ -1,0 +1,212 @@
+"""Waveform augmentation (qat.augment) on real clips, its trainer settings and the config files that use it."""
+import os
+import re
+
+import numpy as np
+import pytest
+import soundfile
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from qat import ConfigError
+from qat.augment import MIN_NOISE_RMS, augment, load_noise, mix_noise, noise_files, time_shift, training_dataset
+from qat.config import run_spec
+from qat.data import SILENCE, DataSpec, list_files, load_waveforms, speaker_of, split_of
+from qat.features import FeatureSpec, compute_features
+from qat.training import TrainSpec
+from tests.conftest import REPO
+
+os.environ.setdefault("LSTM_QAT_REPO", str(REPO))
+N = 16000
+
+
+def rms(x):
+    return np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=-1))
+
+
+@pytest.fixture(scope="module")
+def clips():
+    """Six real one-second clips of the seed task (two per label) and their labels."""
+    from tests.conftest import SPEECH_COMMANDS
+
+    if not SPEECH_COMMANDS.is_dir():
+        pytest.skip(f"real speech data not found at {SPEECH_COMMANDS}")
+    data = DataSpec(root=str(SPEECH_COMMANDS), limit_per_class=40)
+    files = list_files(data)
+    paths = [p for label in range(3)
+             for p in [q for q, y in zip(files.files["train"], files.labels["train"]) if y == label][:2]]
+    waves, _ = load_waveforms(paths, data)
+    return data, waves, np.repeat(np.arange(3), 2)
+
+
+@pytest.fixture(scope="module")
+def noise(clips):
+    data = clips[0]
+    return load_noise(noise_files(data, None)[:8], data.sample_rate, data.num_samples)
+
+
+def test_time_shift_keeps_length_and_shifts_with_zero_fill(clips):
+    waves = clips[1]
+    out = time_shift(waves, 1600, [3, 4]).numpy()
+    assert out.shape == waves.shape
+    for x, y in zip(waves, out):
+        k = int(np.argmax(np.correlate(np.abs(y), np.abs(x), "full"))) - (N - 1)   # y[t] = x[t - k]
+        assert -1600 <= k <= 1600
+        expected = np.zeros(N, np.float32)
+        if k >= 0:
+            expected[k:] = x[:N - k]
+        else:
+            expected[:k] = x[-k:]
+        np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(time_shift(waves, 0, [3, 4]), waves)
+
+
+def test_noise_is_mixed_at_the_intended_snr(clips, noise):
+    waves = clips[1]
+    out = mix_noise(waves, noise, 1.0, (5.0, 15.0), [1, 2]).numpy()
+    added = out - waves
+    snr = 20 * np.log10(rms(waves) / rms(added))
+    assert np.all(snr >= 5.0 - 1e-3) and np.all(snr <= 15.0 + 1e-3) and np.ptp(snr) > 0.1
+    for a in added:   # each addition is a scaled piece of real noise
+        corr = np.abs(noise @ a) / (np.linalg.norm(noise, axis=1) * np.linalg.norm(a))
+        assert corr.max() == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_array_equal(mix_noise(waves, noise, 0.0, (5.0, 15.0), [1, 2]), waves)
+
+
+def test_noise_probability_leaves_some_clips_clean(clips, noise):
+    waves = np.tile(clips[1], (20, 1))   # 120 clips
+    out = mix_noise(waves, noise, 0.5, (10.0, 30.0), [7, 7]).numpy()
+    changed = np.any(out != waves, axis=1).mean()
+    assert 0.3 < changed < 0.7
+
+
+def test_augmentation_is_deterministic_given_the_seed(clips, noise):
+    waves = clips[1]
+    kw = dict(max_shift=1600, noise=noise, noise_prob=0.8, snr_db=(0.0, 20.0))
+    a, b, c = (augment(waves, s, **kw).numpy() for s in ([0, 1], [0, 1], [0, 2]))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_only_train_split_silence_clips_are_noise(speech_commands_root):
+    data = DataSpec(root=str(speech_commands_root), task="kws12")
+    used = noise_files(data, None)
+    everything = sorted(p.name for p in (speech_commands_root / SILENCE).glob("*.wav"))
+    assert 0 < len(used) < len(everything)
+    assert all(os.path.basename(os.path.dirname(f)) == SILENCE for f in used)
+    assert all(split_of(speaker_of(f), 10, 10, "lstm-qat") == "train" for f in used)
+    held_out = set(list_files(data).files["val"]) | set(list_files(data).files["test"])
+    assert not held_out & set(used)
+    # another salt moves speakers between parts, and the noise follows the data's split
+    other = noise_files(DataSpec(root=str(speech_commands_root), task="kws12", split_salt="other"), None)
+    assert set(other) != set(used)
+
+
+def test_noise_sources(fsdd_root, tmp_path):
+    assert noise_files(DataSpec(name="fsdd", root=str(fsdd_root)), None) == []   # FSDD has no noise
+    with pytest.raises(ConfigError, match="trainer.noise_dir='/nowhere' is not a folder"):
+        noise_files(DataSpec(name="fsdd", root=str(fsdd_root)), "/nowhere")
+    # a long recording (as in _background_noise_) is cut into clip-length pieces; digital silence is dropped
+    rng = np.random.default_rng(0)
+    soundfile.write(tmp_path / "long.wav", 0.05 * rng.standard_normal(int(2.5 * N)), N)
+    soundfile.write(tmp_path / "zeros.wav", np.zeros(N), N)
+    files = noise_files(DataSpec(name="fsdd", root=str(fsdd_root)), str(tmp_path))
+    bank = load_noise(files, N, N)
+    assert bank.shape == (2, N) and np.all(rms(bank) >= MIN_NOISE_RMS)
+
+
+def test_pipeline_without_augmentation_gives_the_cached_features(clips):
+    data, waves, labels = clips
+    spec = FeatureSpec(mel_bins=40, log=True)
+    ds, steps = training_dataset(waves, labels, spec, data.sample_rate, batch_size=4, seed=0)
+    assert steps == 2
+    batches = list(ds.take(2 * steps).as_numpy_iterator())
+    x = np.concatenate([b[0] for b in batches[:steps]])
+    y = np.concatenate([b[1] for b in batches[:steps]])
+    cached = compute_features(waves, spec, data.sample_rate)
+    order = [int(np.argmin(np.abs(cached - xi).reshape(len(cached), -1).max(axis=1))) for xi in x]
+    assert sorted(order) == list(range(len(waves)))           # every clip once per epoch
+    np.testing.assert_allclose(x, cached[order], atol=1e-4)
+    np.testing.assert_array_equal(y, labels[order])
+    again, _ = training_dataset(waves, labels, spec, data.sample_rate, batch_size=4, seed=0)
+    for b1, b2 in zip(batches, again.take(2 * steps).as_numpy_iterator()):
+        np.testing.assert_array_equal(b1[0], b2[0])
+    # the second epoch is reshuffled
+    assert not np.array_equal(np.concatenate([b[1] for b in batches[steps:]]), y) or len(set(labels)) == 1
+
+
+@pytest.mark.parametrize("values,needle", [
+    (dict(time_shift_ms=-5), "trainer.time_shift_ms=-5 is not allowed"),
+    (dict(noise_prob=1.5), "trainer.noise_prob=1.5 is not allowed"),
+    (dict(noise_snr_db=[30, 10]), "trainer.noise_snr_db=[30, 10] is not allowed"),
+    (dict(noise_snr_db="loud"), "trainer.noise_snr_db='loud' is not allowed"),
+    (dict(noise_dir=3), "trainer.noise_dir=3 is not allowed")])
+def test_bad_augmentation_settings_give_one_line_errors(values, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)) as e:
+        TrainSpec(**values)
+    assert "\n" not in str(e.value)
+
+
+def test_augmentation_flag():
+    assert not TrainSpec().augment
+    assert TrainSpec(time_shift_ms=100).augment and TrainSpec(noise_prob=0.5).augment
+    assert TrainSpec(noise_snr_db=[0, 20]).noise_snr_db == (0.0, 20.0)
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return run_spec(OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)),
+                                               resolve=True))
+
+
+def test_study_recipe_is_unchanged():
+    spec = composed("features=stft", "trainer=default")
+    assert spec.features == FeatureSpec() and spec.trainer == TrainSpec() and not spec.trainer.augment
+    study = composed("experiment=study")
+    assert study.features == FeatureSpec() and study.trainer == TrainSpec() and study.model.dropout == 0
+    assert study.model.recurrent_dropout == 0
+
+
+def test_option_files_and_preset_compose():
+    assert composed("features=log_stft").features == FeatureSpec(log=True)
+    assert composed("features=log_stft_norm").features == FeatureSpec(log=True, normalize=True)
+    assert composed("features=log_mel").features == FeatureSpec(mel_bins=40, log=True, normalize=True)
+    shift = composed("trainer=time_shift").trainer
+    assert shift.time_shift_ms == 100 and shift.noise_prob == 0 and (shift.epochs, shift.patience) == (40, 8)
+    assert composed("trainer=augment").trainer.noise_prob == 0.5
+    balanced = composed("trainer=balanced").trainer
+    assert (balanced.class_weight, balanced.lr_schedule) == ("balanced", "cosine")
+    best = composed("experiment=seed_task_best")
+    assert best.features == FeatureSpec(mel_bins=40, log=True, normalize=True)
+    assert best.model.units == 80 and best.model.layers == 1 and best.model.dropout == 0.3
+    assert best.trainer.time_shift_ms == 100
+    assert composed("experiment=seed_task_best", "data=fsdd", "trainer.noise_prob=0.5").trainer.noise_prob == 0.5
+
+
+def test_train_float_with_augmentation(speech_commands_root):
+    from qat.experiment import RunSpec, train_float
+    from qat.features import load_features
+    from qat.models import ModelSpec
+    from qat.tracking import Tracker
+
+    data = DataSpec(root=str(speech_commands_root), limit_per_class=40)
+    feats = load_features(data, FeatureSpec(mel_bins=40, log=True), None)
+    spec = RunSpec(data=data, features=FeatureSpec(mel_bins=40, log=True), model=ModelSpec(units=8),
+                   trainer=TrainSpec(epochs=2, batch_size=16, time_shift_ms=50, noise_prob=0.5,
+                                     lr_schedule="cosine", class_weight="balanced"))
+    _, info = train_float(spec, feats, Tracker())
+    assert info["epochs"] == 2 and info["aug_noise_pieces"] > 0
+    assert np.all(np.isfinite(info["history"]["loss"]))
+
+
+def test_data_without_noise_trains_without_mixing_and_says_so(fsdd_root, caplog):
+    from qat.augment import augmented_training_data
+
+    data = DataSpec(name="fsdd", root=str(fsdd_root))
+    files = sorted(str(p) for p in fsdd_root.glob("*_jackson_4[0-3].wav"))[:4]
+    ds, steps, info = augmented_training_data(data, FeatureSpec(), TrainSpec(noise_prob=0.5, batch_size=2),
+                                              files, np.arange(len(files)), seed=0)
+    assert steps == 2 and info["aug_noise_pieces"] == 0
+    assert "noise mixing is off" in caplog.text
+    x, y = next(iter(ds))
+    assert tuple(x.shape) == (2, 49, 257)
