@@ -4,6 +4,12 @@ results go to this command's own output folder.
 
     python evaluate.py run_dir=outputs/2026-11-23/12-00-00-none-b4-s0
     python evaluate.py run_dir=... quant=ptq bits=3
+    python evaluate.py run_dir=... predict_only=true [max_drop=1.0] [verify=false]
+
+`predict_only=true` prints the predicted drop for bits 2..8, per tensor and per channel, from the
+run's float model and labelled validation clips (qat.predict; seconds, nothing quantized is run);
+`max_drop=<points>` adds the smallest mixed-precision config under that predicted drop, verified by
+an actual PTQ evaluation on the test split unless verify=false.
 """
 import os
 
@@ -24,6 +30,12 @@ from qat.tracking import start_run
 def main(cfg: DictConfig) -> None:
     saved = load_run(cfg.run_dir)
     config = OmegaConf.to_container(OmegaConf.load(os.path.join(cfg.run_dir, ".hydra", "config.yaml")), resolve=True)
+    if cfg.predict_only:
+        from qat.predict import report_saved_run
+
+        print(report_saved_run(run_spec(config), cfg.run_dir, OmegaConf.to_container(cfg.predict, resolve=True),
+                               cfg.max_drop, cfg.verify))
+        return
     config["verbose"] = cfg.verbose
     if cfg.get("quant") is not None:
         config["quant"] = OmegaConf.to_container(cfg.quant, resolve=True)

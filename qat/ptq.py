@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterator
 import numpy as np
 
 from qat.export import write_packed_model
+from qat.predict import predict_summary
 from qat.quantize import calibrate, freeze_ranges, quantize_model, quantized_weights
 from qat.recipes import (QuantOptions, RecipeResult, RecipeSpec, check_options, float_weight, report_summary,
                          weight_report)
@@ -153,6 +154,8 @@ def run(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path, track
     qmodel = quantize_model(model, opts.quant_config(spec))
     calib = calibration_clips(feats.x["train"], opts.calibration_size, seed)
     summary: Dict[str, Any] = {"quant/calibration_clips": len(calib)}
+    # The predicted drop (float model + validation clips only) sits next to the measured one.
+    summary.update(predict_summary(model, feats, opts.quant_config(spec), seed))
     if use_gptq:
         freeze_ranges(qmodel)
         gptq(model, qmodel, calib, damp)

@@ -1,0 +1,606 @@
+"""Predict the test-accuracy drop of a weight-quantized model from the float model and a few labelled
+calibration clips (validation or training, never test), without running a quantized model.
+
+The model, a margin-noise analysis. For calibration clip i with label y, the float model's logits
+z give margins m_ik = z_y - z_k to its k strongest rival classes. Rounding a weight tensor w to a
+grid adds an error e = Q(w) - w, which moves each margin by g_ik . e to first order, where
+g_ik = d m_ik / d w is the clip's own gradient (exact per-clip gradients: one forward and k
+backward passes through an unrolled copy of the model, with zero probes on every pre-activation).
+The rounding errors are treated as independent zero-mean noise with the *actual* mean squared
+error of the config's grid per output unit, so per-tensor / per-channel, either scheme, any range
+estimator and mixed bit-widths are all covered. The margin change is then ~ N(0, s_ik^2) with
+
+    s_ik^2 = sum over tensors t and output units c of  mean_rows(e_t[:, c]^2) * sum_rows(g_ik,t[:, c]^2),
+
+the clip stays (or becomes) correct with probability P_i = prod_k Phi(m_ik / s_ik), and the
+predicted drop is 100 * (mean_i correct_i - mean_i P_i) points. The gradient pass runs once per
+model (`sensitivity`, 2-5 s for 512 clips on 2 CPU cores); a config after that costs milliseconds,
+and the variances of tensors add, so `propose_mixed` can search bits per tensor exhaustively.
+
+Choices, by measurement (benchmarks/ISSUE9.md):
+- Validation clips by default: training margins are over-confident (the model was fitted to them)
+  and under-predict the drop on FSDD; validation clips did as well or better on every data set.
+- Noise rather than the actual rounding pattern: the first-order effect of the actual errors on
+  the calibration clips predicted FSDD slightly better but over-predicted the speaker-disjoint
+  task by 2-4 points at 3-4 bits: the model sits at an optimum of the clips it was trained and
+  early-stopped on, so any coherent shift hurts those clips, while on unseen speakers it helps
+  as often as it hurts.
+- Known blind spot: the per-tensor rounding of the LSTM bias (320 values) at 3-4 bits is a
+  coherent shift of every gate; on FSDD, whose test takes come from the training speakers, it
+  costs ~2 points that the noise model does not see. `propose_mixed` therefore keeps biases at
+  8 bits by default (they are under 1 % of the weights).
+- 2 bits is outside the first-order regime: predictions there are off by 2-10 points.
+
+Only weight quantization is modelled: activation / state quantization (act_bits, state_bits) is
+rejected with a ConfigError (`predict_summary` predicts the weight part and says so).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from qat import ConfigError
+from qat.quantize import QuantConfig, weight_tensor_names
+from qat.quantizers import QuantSpec, fake_quant_np
+
+DEFAULT_BITS = tuple(range(2, 9))
+
+
+# ----------------------------------------------------------------------------- per-clip sensitivities
+
+@dataclass
+class Sensitivity:
+    """What a float model's predictions depend on, measured once on calibration clips.
+
+    margins[k, i]: z_y - z_k for clip i and its k-th strongest competitor k (by float logit).
+    sq_grads[name][k, i, c]: sum over the rows of the squared per-clip gradient of that margin with
+    respect to weight tensor `name`, for output unit c (for 1-D biases: each element).
+    """
+
+    margins: np.ndarray
+    correct: np.ndarray
+    sq_grads: Dict[str, np.ndarray]
+    weights: Dict[str, np.ndarray]
+    seconds: float = 0.0
+    _noise_cache: Dict[Tuple[str, QuantSpec], np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_clips(self) -> int:
+        return self.margins.shape[1]
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.weights)
+
+    def column_noise(self, name: str, spec: Optional[QuantSpec]) -> np.ndarray:
+        """Mean squared round-to-nearest error per output unit of tensor `name` under `spec` (for a
+        1-D bias: per element; zeros where left float), from the same numpy quantizer the models use."""
+        w = self.weights[name]
+        if spec is None:
+            return np.zeros(w.shape[-1])
+        key = (name, spec)
+        if key not in self._noise_cache:
+            err2 = (fake_quant_np(w, spec).astype(np.float64) - w) ** 2
+            self._noise_cache[key] = err2.reshape(-1, w.shape[-1]).mean(0) if w.ndim > 1 else err2
+        return self._noise_cache[key]
+
+    def tensor_variance(self, name: str, spec: Optional[QuantSpec]) -> np.ndarray:
+        """Variance of every margin [k, i] caused by quantizing one tensor."""
+        return self.sq_grads[name] @ self.column_noise(name, spec)
+
+    def accuracy_under_noise(self, variance: np.ndarray) -> np.ndarray:
+        """Probability per clip of being classified correctly, for margin variances [k, i]."""
+        return probability_correct(self.margins, variance)
+
+    def drop(self, variance: np.ndarray) -> float:
+        """Predicted drop in percentage points for total margin variances [k, i]."""
+        return 100.0 * float(self.correct.mean() - self.accuracy_under_noise(variance).mean())
+
+
+def probability_correct(margins: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """prod_k Phi(m_k / s_k) per clip; s = 0 gives the hard decision (0.5 at a tie)."""
+    from scipy.special import ndtr
+
+    s = np.sqrt(np.maximum(variance, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(s > 0, margins / np.where(s > 0, s, 1.0), np.sign(margins) * np.inf)
+    p = np.where(np.isnan(z), 0.5, ndtr(z))
+    return p.prod(axis=0)
+
+
+def _check_layers(model) -> list:
+    """The model's layers (InputLayer dropped), or a ConfigError naming one predict cannot follow."""
+    import tf_keras as keras
+
+    layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    for idx, layer in enumerate(layers):
+        if isinstance(layer, keras.layers.LSTM):
+            if layer.go_backwards or layer.stateful or layer.time_major or not layer.cell.use_bias:
+                raise ConfigError(f"predict supports plain LSTM layers with a bias; '{layer.name}' is not one")
+        elif type(layer) is keras.layers.Dense:
+            last = idx == len(layers) - 1
+            if last and layer.activation not in (keras.activations.softmax, keras.activations.linear):
+                raise ConfigError(f"predict needs a softmax or linear output layer; '{layer.name}' uses "
+                                  f"{layer.activation.__name__}")
+        elif not isinstance(layer, (keras.layers.Flatten, keras.layers.Dropout, keras.layers.Normalization)):
+            raise ConfigError(f"predict does not support layer '{layer.name}' ({type(layer).__name__}): "
+                              "expected Normalization, LSTM, Flatten, Dropout and Dense layers")
+    if not layers or type(layers[-1]) is not keras.layers.Dense:
+        raise ConfigError("predict needs a Dense output layer (the classifier) last")
+    return layers
+
+
+def _forward(model, x, probes: Optional[dict] = None, record: Optional[dict] = None):
+    """The model's logits (pre-softmax), computed by an unrolled copy of its layers so that a zero
+    `probe` can be added to every LSTM / Dense pre-activation (its gradient is then the per-clip,
+    per-step adjoint). `record` collects each layer's input (and h_{t-1} for an LSTM)."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    layers = _check_layers(model)
+    h = tf.convert_to_tensor(x, tf.float32)
+    for idx, layer in enumerate(layers):
+        if isinstance(layer, keras.layers.LSTM):
+            cell = layer.cell
+            xz = tf.einsum("ntf,fg->ntg", h, cell.kernel) + cell.bias
+            if probes is not None:
+                xz = xz + probes[layer.name]
+            state_h = tf.zeros((tf.shape(h)[0], cell.units))
+            state_c = tf.zeros_like(state_h)
+            outs, prev = [], []
+            for t in range(h.shape[1]):
+                prev.append(state_h)
+                zi, zf, zc, zo = tf.split(xz[:, t] + tf.matmul(state_h, cell.recurrent_kernel), 4, axis=1)
+                act, rec = cell.activation, cell.recurrent_activation
+                state_c = rec(zf) * state_c + rec(zi) * act(zc)
+                state_h = rec(zo) * act(state_c)
+                outs.append(state_h)
+            if record is not None:
+                record[layer.name] = (h, tf.stack(prev, axis=1))
+            h = tf.stack(outs, axis=1) if layer.return_sequences else outs[-1]
+        elif type(layer) is keras.layers.Dense:
+            if h.shape.rank != 2:
+                raise ConfigError(f"predict supports Dense layers on flat inputs; '{layer.name}' gets rank {h.shape.rank}")
+            if record is not None:
+                record[layer.name] = (h, None)
+            z = tf.matmul(h, layer.kernel) + (layer.bias if layer.use_bias else 0.0)
+            if probes is not None:
+                z = z + probes[layer.name]
+            h = z if idx == len(layers) - 1 else layer.activation(z)
+        elif isinstance(layer, keras.layers.Flatten):
+            h = tf.reshape(h, (tf.shape(h)[0], -1))
+        elif isinstance(layer, keras.layers.Normalization):
+            h = layer(h, training=False)
+        # Dropout: identity at inference
+    return h
+
+
+def _sq_column_grads(x, delta):
+    """sum over rows of the squared per-clip gradient of W in z_t = x_t W (+ ...): for every clip n
+    and column c, sum_f (sum_t x[n,t,f] delta[n,t,c])^2 = delta^T (x x^T) delta, through the per-clip
+    Gram matrix over time (no [n, f, c] intermediate)."""
+    import tensorflow as tf
+
+    gram = tf.matmul(x, x, transpose_b=True)                      # [n, t, t]
+    return tf.reduce_sum(delta * tf.matmul(gram, delta), axis=1)  # [n, c]
+
+
+def _make_pass(model, names: Sequence[str]):
+    """A compiled function (x, y, k) -> (logits, rivals [n, k], {name: [k, n, columns]}): for the k
+    strongest rival classes of every clip, the squared gradient of the margin z_y - z_rival summed
+    over each weight's rows."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    layers = sorted({n.split("/")[0] for n in names})
+    n_classes = int(model.output_shape[-1])
+
+    @tf.function(reduce_retracing=True)
+    def run(x, y, k: int):
+        record, probes = {}, {}
+        n = tf.shape(x)[0]
+        with tf.GradientTape(persistent=True) as tape:
+            for name in layers:
+                layer = model.get_layer(name)
+                if isinstance(layer, keras.layers.LSTM):
+                    probes[name] = tf.zeros((n, layer.input_shape[1], 4 * layer.cell.units))
+                else:
+                    probes[name] = tf.zeros((n, layer.units))
+                tape.watch(probes[name])
+            logits = _forward(model, x, probes, record)
+        true = tf.one_hot(y, n_classes)
+        rivals = tf.math.top_k(logits - 1e30 * true, k=k).indices                 # [n, k], strongest first
+        seeds = [true - tf.one_hot(rivals[:, r], n_classes) for r in range(k)]
+        out = {nm: [] for nm in names}
+        for r in range(k):
+            deltas = tape.gradient(logits, probes, output_gradients=seeds[r])
+            for name in layers:
+                d = deltas[name]
+                inp, prev = record[name]
+                if prev is not None:   # LSTM: dm/dW = sum_t x_t^T d_t, dm/dR = sum_t h_{t-1}^T d_t, dm/db = sum_t d_t
+                    per = {"kernel": lambda: _sq_column_grads(inp, d),
+                           "recurrent_kernel": lambda: _sq_column_grads(prev, d),
+                           "bias": lambda: tf.square(tf.reduce_sum(d, axis=1))}
+                else:                  # Dense: dm/dK = x^T d, dm/db = d
+                    per = {"kernel": lambda: tf.reduce_sum(tf.square(inp), axis=1, keepdims=True) * tf.square(d),
+                           "bias": lambda: tf.square(d)}
+                for w, fn in per.items():
+                    if f"{name}/{w}" in out:
+                        out[f"{name}/{w}"].append(fn())
+        return logits, rivals, {nm: tf.stack(v) for nm, v in out.items()}
+
+    return run
+
+
+def sensitivity(float_model, x: np.ndarray, y: np.ndarray, competitors: int = 2,
+                batch_size: int = 128) -> Sensitivity:
+    """Per-clip margins and squared margin gradients (summed per output unit) of `float_model` on
+    labelled calibration clips (x, y): one forward and `competitors` backward passes."""
+    start = time.perf_counter()
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
+    if len(x) == 0 or len(x) != len(y):
+        raise ConfigError(f"predict needs labelled calibration clips: got {len(x)} clips and {len(y)} labels")
+    if not isinstance(competitors, int) or competitors < 1:
+        raise ConfigError(f"competitors={competitors!r} is not allowed: expected an integer >= 1")
+    _check_layers(float_model)
+    names = weight_tensor_names(float_model)
+    weights = {}
+    for n in names:
+        layer = float_model.get_layer(n.split("/")[0])
+        weights[n] = getattr(getattr(layer, "cell", layer), n.split("/")[1]).numpy().astype(np.float64)
+    n_classes = int(float_model.output_shape[-1])
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ConfigError(f"calibration labels must lie in 0..{n_classes - 1}")
+    k = min(competitors, n_classes - 1)
+    run = _make_pass(float_model, names)
+    batch = min(batch_size, len(x))
+    margins, correct, sq = [], [], {n: [] for n in names}
+    for s in range(0, len(x), batch):
+        xb, yb = x[s:s + batch], y[s:s + batch]
+        rows, m = np.arange(len(xb)), len(xb)
+        if m < batch:   # pad the last batch: one traced graph for every batch
+            xb = np.concatenate([xb, np.zeros((batch - m,) + xb.shape[1:], np.float32)])
+        yb_padded = np.concatenate([yb, np.zeros(batch - m, np.int64)])
+        logits, rivals, grads = run(xb, yb_padded, k)
+        order = rivals.numpy()[:m]
+        logits = logits.numpy()[:m].astype(np.float64)
+        margins.append(np.stack([logits[rows, yb] - logits[rows, order[:, r]] for r in range(k)]))
+        correct.append(np.argmax(logits, axis=1) == yb)
+        for n in names:
+            sq[n].append(grads[n].numpy()[:, :m].astype(np.float64))
+    return Sensitivity(margins=np.concatenate(margins, axis=1), correct=np.concatenate(correct),
+                       sq_grads={n: np.concatenate(v, axis=1) for n, v in sq.items()}, weights=weights,
+                       seconds=time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------- configs
+
+def tensor_specs(names: Sequence[str], cfg: QuantConfig) -> Dict[str, Optional[QuantSpec]]:
+    """The QuantSpec each weight tensor gets under `cfg` (None = float), as `quantize_model` does."""
+    if not isinstance(cfg, QuantConfig):
+        raise ConfigError(f"cfg={cfg!r} is not allowed: expected a qat.quantize.QuantConfig")
+    if cfg.inputs is not None or cfg.gates is not None or cfg.state is not None:
+        raise ConfigError("predict models weight quantization only: expected act_bits=null and state_bits=null")
+    unknown = sorted(set(cfg.overrides) - set(names))
+    if unknown:
+        raise ConfigError(f"override name(s) {unknown} are not allowed: expected names among {list(names)}")
+    return {n: cfg.overrides.get(n, cfg.bias if n.endswith("/bias") else cfg.weights) for n in names}
+
+
+def config_variance(sens: Sensitivity, cfg: QuantConfig) -> np.ndarray:
+    """Total margin variance [k, i] of a config: the tensors' variances add."""
+    total = np.zeros_like(sens.margins)
+    for name, spec in tensor_specs(sens.names, cfg).items():
+        if spec is not None:
+            total = total + sens.tensor_variance(name, spec)
+    return total
+
+
+def predict_drop(float_model, x_calib: np.ndarray, y_calib: np.ndarray, cfg: QuantConfig,
+                 sens: Optional[Sensitivity] = None) -> float:
+    """Predicted test-accuracy drop (percentage points) of `float_model` with its weights quantized
+    round-to-nearest as `cfg` says, from labelled calibration clips (validation or training, never
+    test). Pass `sens` (from `sensitivity`) to reuse the gradient pass across configs."""
+    sens = sens if sens is not None else sensitivity(float_model, x_calib, y_calib)
+    return sens.drop(config_variance(sens, cfg))
+
+
+def predict_summary(float_model, feats, cfg: QuantConfig, seed: int = 0, spec: Optional["PredictSpec"] = None
+                    ) -> Dict[str, object]:
+    """The `predict/*` summary keys of a PTQ run: `predict/degradation` (points) for the weights of
+    `cfg`, predicted from `spec.n_calib` labelled clips of `spec.calib` (validation by default).
+    Activation / state quantization is not modelled: when `cfg` has it, the prediction covers the
+    weights only and `predict/weights_only` is true. Costs one gradient pass (seconds)."""
+    import dataclasses
+
+    spec = spec or PredictSpec()
+    t0 = time.perf_counter()
+    weights_only = cfg.inputs is not None or cfg.gates is not None or cfg.state is not None
+    cfg = dataclasses.replace(cfg, inputs=None, gates=None, state=None)
+    x, y = calibration_set(feats.x[spec.calib], feats.y[spec.calib], spec.n_calib, seed)
+    drop = predict_drop(float_model, x, y, cfg, sensitivity(float_model, x, y, spec.competitors))
+    return {"predict/degradation": drop, "predict/calibration_clips": len(x), "predict/calibration_split": spec.calib,
+            "predict/weights_only": weights_only, "time/predict_s": time.perf_counter() - t0}
+
+
+def weight_config(bits: int, granularity: str = "per_tensor", scheme: str = "asymmetric",
+                  estimator: str = "minmax", bias: bool = True, overrides: Optional[Mapping] = None) -> QuantConfig:
+    """The weight-only QuantConfig the PTQ recipes build (biases per tensor at the same bits)."""
+    return QuantConfig(weights=QuantSpec(bits, scheme, granularity, -1, estimator),
+                       bias=QuantSpec(bits, scheme, "per_tensor", -1, "minmax") if bias else None,
+                       overrides=dict(overrides or {}))
+
+
+def packed_size(sens: Sensitivity, cfg: QuantConfig) -> int:
+    """Bytes of the weight tensors packed at their bit-widths plus a float32 scale and zero point per
+    quantization group (as qat.export stores them); tensors left float count 4 bytes a value."""
+    total = 0
+    for name, spec in tensor_specs(sens.names, cfg).items():
+        w = sens.weights[name]
+        if spec is None:
+            total += 4 * w.size
+        else:
+            groups = w.shape[spec.axis] if spec.granularity == "per_channel" and w.ndim else 1
+            total += math.ceil(w.size * spec.bits / 8) + 8 * groups
+    return total
+
+
+def drop_table(sens: Sensitivity, bits: Iterable[int] = DEFAULT_BITS,
+               granularities: Sequence[str] = ("per_tensor", "per_channel"), scheme: str = "asymmetric",
+               estimator: str = "minmax") -> List[dict]:
+    """Rows {bits, granularity, predicted_drop, size_bytes} for every bit-width and granularity."""
+    rows = []
+    for b in bits:
+        for g in granularities:
+            cfg = weight_config(b, g, scheme, estimator)
+            rows.append({"bits": b, "granularity": g, "predicted_drop": sens.drop(config_variance(sens, cfg)),
+                         "size_bytes": packed_size(sens, cfg)})
+    return rows
+
+
+# ----------------------------------------------------------------------------------- mixed precision
+
+@dataclass(frozen=True)
+class MixedProposal:
+    """Bits per weight tensor chosen under a predicted-drop budget."""
+
+    bits: Dict[str, int]
+    predicted_drop: float
+    size_bytes: int
+    max_drop: float
+    config: QuantConfig
+    uniform_bits: Optional[int]          # the smallest uniform bit-width within the budget (None: none is)
+    uniform_size_bytes: Optional[int]
+    uniform_predicted_drop: Optional[float]
+    searched: int                        # configurations the predictor was evaluated on
+
+
+def _spec_at(base: QuantSpec, bits: int) -> QuantSpec:
+    return QuantSpec(bits, base.scheme, base.granularity, base.axis, base.estimator, base.percentile, base.narrow_range)
+
+
+def propose_mixed(sens: Sensitivity, max_drop: float, bits: Sequence[int] = DEFAULT_BITS,
+                  granularity: str = "per_tensor", scheme: str = "asymmetric", estimator: str = "minmax",
+                  bias_bits: Optional[int] = 8, exhaustive_limit: int = 100_000) -> MixedProposal:
+    """Bits per weight tensor (from `bits`) with the smallest packed size whose predicted drop is at
+    most `max_drop` points.
+
+    `bias_bits`: biases are kept at this width (default 8; None = search them like the kernels).
+    They are under 1 % of the weights, so low-bit biases save almost nothing, and their rounding
+    error is the one the noise model predicts worst: a few hundred errors that shift every gate
+    coherently (measured in benchmarks/ISSUE9.md).
+
+    Exhaustive when there are at most `exhaustive_limit` combinations (5 tensors x 7 bit-widths =
+    16,807: candidates are tried cheapest first, the first within budget wins), else greedy (lower
+    the tensor that saves most bytes per point of predicted drop while the budget holds). The
+    variances of tensors add, so every candidate costs one sum and one Phi over the clips."""
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not max_drop >= 0:
+        raise ConfigError(f"max_drop={max_drop!r} is not allowed: expected a number of points >= 0")
+    bits = sorted({int(b) for b in bits})
+    if not bits:
+        raise ConfigError("propose_mixed needs at least one bit-width to choose from")
+    base = weight_config(bits[0], granularity, scheme, estimator)
+    if bias_bits is not None:
+        QuantSpec(bias_bits)
+    names = sens.names
+    spec_of = {n: base.bias if n.endswith("/bias") else base.weights for n in names}
+    fixed = {n: _spec_at(spec_of[n], bias_bits) for n in names if n.endswith("/bias") and bias_bits is not None}
+    fixed_var = sum((sens.tensor_variance(n, s) for n, s in fixed.items()), np.zeros_like(sens.margins))
+    names = [n for n in names if n not in fixed]
+    var = {n: np.stack([sens.tensor_variance(n, _spec_at(spec_of[n], b)) for b in bits]) for n in names}
+    var[names[0]] = var[names[0]] + fixed_var            # the fixed tensors' noise is always there
+    size = {}
+    for n in names:
+        w, spec = sens.weights[n], spec_of[n]
+        groups = w.shape[spec.axis] if spec.granularity == "per_channel" else 1
+        size[n] = np.array([math.ceil(w.size * b / 8) + 8 * groups for b in bits])
+
+    def drop_of(choice) -> float:
+        return sens.drop(sum(var[n][j] for n, j in zip(names, choice)))
+
+    top = (len(bits) - 1,) * len(names)
+    if drop_of(top) > max_drop:
+        raise ConfigError(f"max_drop={max_drop} cannot be met: even {bits[-1]} bits on every tensor is "
+                          f"predicted to lose {drop_of(top):.2f} points")
+    searched, best = 0, None
+    if len(bits) ** len(names) <= exhaustive_limit:
+        choices = np.array(list(itertools.product(range(len(bits)), repeat=len(names))))
+        total = sum(size[n][choices[:, t]] for t, n in enumerate(names))
+        ordered = choices[np.argsort(total, kind="stable")]
+        stacked = [var[n] for n in names]
+        for start in range(0, len(ordered), 512):      # cheapest first, 512 candidates at a time
+            chunk = ordered[start:start + 512]
+            v = sum(stacked[t][chunk[:, t]] for t in range(len(names)))          # [cands, k, clips]
+            drops = 100.0 * (sens.correct.mean() - probability_correct(
+                np.broadcast_to(sens.margins, v.shape).transpose(1, 0, 2), v.transpose(1, 0, 2)).mean(axis=-1))
+            ok = np.flatnonzero(drops <= max_drop)
+            if ok.size:
+                searched += int(ok[0]) + 1
+                best = tuple(int(j) for j in chunk[ok[0]])
+                break
+            searched += len(chunk)
+    else:
+        current = list(top)
+        while True:
+            options = []
+            here = drop_of(current)
+            for t, n in enumerate(names):
+                if current[t] == 0:
+                    continue
+                trial = current.copy()
+                trial[t] -= 1
+                searched += 1
+                d = drop_of(trial)
+                if d <= max_drop:
+                    options.append(((size[n][current[t]] - size[n][trial[t]]) / max(d - here, 1e-9), t))
+            if not options:
+                break
+            current[max(options)[1]] -= 1
+        best = tuple(current)
+    cfg = QuantConfig(weights=base.weights, bias=base.bias,
+                      overrides={**{n: _spec_at(spec_of[n], bits[j]) for n, j in zip(names, best)}, **fixed})
+    uniform = [(b, sens.drop(config_variance(sens, weight_config(b, granularity, scheme, estimator)))) for b in bits]
+    fits = [(b, d) for b, d in uniform if d <= max_drop]
+    ub = fits[0] if fits else None
+    return MixedProposal(
+        bits={n: cfg.overrides[n].bits for n in sens.names}, predicted_drop=sens.drop(config_variance(sens, cfg)),
+        size_bytes=packed_size(sens, cfg), max_drop=float(max_drop), config=cfg,
+        uniform_bits=None if ub is None else ub[0],
+        uniform_size_bytes=None if ub is None else packed_size(sens, weight_config(ub[0], granularity, scheme,
+                                                                                   estimator)),
+        uniform_predicted_drop=None if ub is None else ub[1], searched=searched)
+
+
+# ----------------------------------------------------------------------------------- verification, runs
+
+def measured_drop(float_model, cfg: QuantConfig, x: np.ndarray, y: np.ndarray) -> Dict[str, float]:
+    """An actual PTQ evaluation of `cfg` (round to nearest, ranges frozen, as `ptq_seed` does) on
+    (x, y): {float_acc, quant_acc, drop} (drop in points)."""
+    from qat.metrics import predict_classes
+    from qat.quantize import freeze_ranges, quantize_model
+
+    qmodel = quantize_model(float_model, cfg)
+    freeze_ranges(qmodel)
+    acc_f = float(np.mean(predict_classes(float_model, x) == y))
+    acc_q = float(np.mean(predict_classes(qmodel, x) == y))
+    return {"float_acc": acc_f, "quant_acc": acc_q, "drop": 100.0 * (acc_f - acc_q)}
+
+
+def calibration_set(x: np.ndarray, y: np.ndarray, n: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """A fixed random subset of n labelled clips (give it validation or training clips, never test)."""
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.permutation(len(x))[: min(int(n), len(x))])
+    return x[idx], y[idx]
+
+
+CALIB_SPLITS = ("val", "train")
+
+
+@dataclass(frozen=True)
+class PredictSpec:
+    """Settings of `evaluate.py predict_only=true` (the `predict` section of conf/evaluate.yaml)."""
+
+    calib: str = "val"             # split the labelled calibration clips come from: val | train (never test)
+    n_calib: int = 512
+    competitors: int = 2
+    scheme: str = "asymmetric"
+    estimator: str = "minmax"
+    granularity: str = "per_tensor"   # of the mixed-precision proposal
+    bits: Tuple[int, ...] = DEFAULT_BITS
+    bias_bits: Optional[int] = 8      # biases in the mixed proposal (None: searched like the kernels)
+
+    def __post_init__(self):
+        if self.calib not in CALIB_SPLITS:
+            raise ConfigError(f"predict.calib={self.calib!r} is not allowed: expected one of "
+                              f"{', '.join(CALIB_SPLITS)} (test clips are never used to predict)")
+        if isinstance(self.n_calib, bool) or not isinstance(self.n_calib, int) or self.n_calib < 1:
+            raise ConfigError(f"predict.n_calib={self.n_calib!r} is not allowed: expected a positive integer")
+        if isinstance(self.competitors, bool) or not isinstance(self.competitors, int) or self.competitors < 1:
+            raise ConfigError(f"predict.competitors={self.competitors!r} is not allowed: expected an integer >= 1")
+        QuantSpec(2, self.scheme, self.granularity, -1, self.estimator)   # validates the names
+        object.__setattr__(self, "bits", tuple(self.bits))
+        for b in self.bits + (() if self.bias_bits is None else (self.bias_bits,)):
+            QuantSpec(b)
+
+
+def predict_run(float_model, feats, spec: PredictSpec = PredictSpec(), seed: int = 0,
+                max_drop: Optional[float] = None, verify: bool = True) -> Dict[str, object]:
+    """Everything `evaluate.py predict_only=true` reports for one float model: the predicted-drop
+    table (bits x granularity), and with `max_drop` the mixed-precision proposal, verified by an
+    actual PTQ evaluation on the test split unless verify=False. Returns a dict; `format_report`
+    turns it into text."""
+    t0 = time.perf_counter()
+    x, y = calibration_set(feats.x[spec.calib], feats.y[spec.calib], spec.n_calib, seed)
+    sens = sensitivity(float_model, x, y, spec.competitors)
+    rows = drop_table(sens, spec.bits, ("per_tensor", "per_channel"), spec.scheme, spec.estimator)
+    out: Dict[str, object] = {"calib": spec.calib, "n_calib": len(x), "calib_acc": float(sens.correct.mean()),
+                              "table": rows, "float_bytes": int(sum(4 * w.size for w in sens.weights.values())),
+                              "sensitivity_s": sens.seconds, "predict_s": time.perf_counter() - t0}
+    if max_drop is not None:
+        prop = propose_mixed(sens, float(max_drop), spec.bits, spec.granularity, spec.scheme, spec.estimator,
+                             spec.bias_bits)
+        out["proposal"] = prop
+        out["propose_s"] = time.perf_counter() - t0 - out["predict_s"]
+        if verify:
+            out["verified"] = measured_drop(float_model, prop.config, feats.x["test"], feats.y["test"])
+            if prop.uniform_bits is not None:
+                out["verified_uniform"] = measured_drop(
+                    float_model, weight_config(prop.uniform_bits, spec.granularity, spec.scheme, spec.estimator),
+                    feats.x["test"], feats.y["test"])
+    return out
+
+
+def format_report(r: Dict[str, object]) -> str:
+    """Markdown text of a `predict_run` result."""
+    lines = [f"predicted test-accuracy drop (points) from {r['n_calib']} {r['calib']} clips "
+             f"(float acc on them {100 * r['calib_acc']:.1f}%), weights round-to-nearest; "
+             f"{r['predict_s']:.1f} s", "",
+             "| bits | per_tensor drop | per_channel drop | per_tensor KiB | per_channel KiB |", "|---|---|---|---|---|"]
+    table = {(row["bits"], row["granularity"]): row for row in r["table"]}
+    for b in sorted({row["bits"] for row in r["table"]}):
+        pt, pc = table[(b, "per_tensor")], table[(b, "per_channel")]
+        lines.append(f"| {b} | {pt['predicted_drop']:.2f} | {pc['predicted_drop']:.2f} | "
+                     f"{pt['size_bytes'] / 1024:.1f} | {pc['size_bytes'] / 1024:.1f} |")
+    lines.append(f"\nfloat32 weights: {r['float_bytes'] / 1024:.1f} KiB")
+    prop = r.get("proposal")
+    if prop is not None:
+        lines += ["", f"mixed precision under a predicted drop of {prop.max_drop:g} points "
+                      f"({prop.config.weights.granularity}, {prop.searched} configurations searched):",
+                  "  " + ", ".join(f"{n}={b}" for n, b in prop.bits.items()),
+                  f"  predicted drop {prop.predicted_drop:.2f} points, {prop.size_bytes / 1024:.1f} KiB"]
+        if prop.uniform_bits is not None:
+            lines.append(f"  smallest uniform bit-width within the budget: {prop.uniform_bits} bits, "
+                         f"{prop.uniform_size_bytes / 1024:.1f} KiB, predicted drop {prop.uniform_predicted_drop:.2f}")
+        v = r.get("verified")
+        if v is not None:
+            lines.append(f"  verified by PTQ on the test split: float acc {100 * v['float_acc']:.2f}%, quantized "
+                         f"{100 * v['quant_acc']:.2f}%, measured drop {v['drop']:+.2f} points")
+        u = r.get("verified_uniform")
+        if u is not None:
+            lines.append(f"  (uniform {prop.uniform_bits} bits measured: drop {u['drop']:+.2f} points)")
+    return "\n".join(lines)
+
+
+def report_saved_run(spec, run_dir: str, predict: Optional[Mapping] = None, max_drop: Optional[float] = None,
+                     verify: bool = True) -> str:
+    """`evaluate.py predict_only=true`: the report for a finished train.py run (its features, its
+    float model under <run_dir>/float, its seed), as text."""
+    from pathlib import Path
+
+    from qat.checkpoints import load_model_dir
+    from qat.config import make
+    from qat.features import load_features
+
+    pspec = make(PredictSpec, "predict", predict)
+    if max_drop is not None and (isinstance(max_drop, bool) or not isinstance(max_drop, (int, float))):
+        raise ConfigError(f"max_drop={max_drop!r} is not allowed: expected a number of points >= 0")
+    t0 = time.perf_counter()
+    feats = load_features(spec.data, spec.features, spec.cache_dir)
+    model, _ = load_model_dir(Path(run_dir) / "float")
+    r = predict_run(model, feats, pspec, spec.seed, max_drop, verify)
+    return f"run {run_dir}\n" + format_report(r) + f"\n(total {time.perf_counter() - t0:.1f} s)"

@@ -1,0 +1,267 @@
+"""qat.predict on a small model trained on real clips: the per-clip sensitivities against Keras's own
+gradients, the noise-gain variance against margin changes measured with injected weight noise, the
+shape of the predicted-drop curve, the mixed-precision search against brute force, and
+`evaluate.py predict_only=true` as a user runs it."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qat import ConfigError
+from qat.data import DataSpec
+from qat.experiment import RunSpec, train_float
+from qat.features import FeatureSpec, load_features
+from qat.models import ModelSpec
+from qat.predict import (PredictSpec, calibration_set, config_variance, drop_table, packed_size, predict_drop,
+                         predict_run, predict_summary, probability_correct, propose_mixed, sensitivity,
+                         weight_config)
+from qat.quantize import QuantConfig, weight_tensor_names
+from qat.quantizers import QuantSpec
+from qat.tracking import Tracker
+from qat.training import TrainSpec
+from tests.conftest import FSDD, REPO
+
+LIMIT, UNITS, EPOCHS = 60, 16, 6     # FSDD, 60 clips per digit: ~92 % validation accuracy in ~10 s
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    if not FSDD.is_dir():
+        pytest.skip(f"real speech data not found at {FSDD}")
+    cache = str(tmp_path_factory.mktemp("cache"))
+    feats = load_features(DataSpec(name="fsdd", root=str(FSDD), limit_per_class=LIMIT), FeatureSpec(), cache)
+    model, _ = train_float(RunSpec(model=ModelSpec(units=UNITS), trainer=TrainSpec(epochs=EPOCHS, batch_size=32)),
+                           feats, Tracker())
+    x, y = calibration_set(feats.x["train"], feats.y["train"], 128, 0)
+    return model, feats, cache, sensitivity(model, x, y), (x, y)
+
+
+def _keras_margins(model, x, y, rivals):
+    """Logit margins from the Keras model's own softmax output: log p_y - log p_k (the per-clip
+    normaliser cancels), independent of qat.predict's unrolled forward."""
+    import tensorflow as tf
+
+    logp = tf.math.log(model(x, training=False))
+    idx = np.arange(len(y))
+    return tf.gather_nd(logp, np.stack([idx, y], 1)) - tf.gather_nd(logp, np.stack([idx, rivals], 1))
+
+
+def _rivals(model, x, y):
+    p = model.predict(x, verbose=0).astype(np.float64)
+    p[np.arange(len(y)), y] = -np.inf
+    return np.argmax(p, axis=1)
+
+
+def _variables(model):
+    out = {}
+    for name in weight_tensor_names(model):
+        layer = model.get_layer(name.split("/")[0])
+        out[name] = getattr(getattr(layer, "cell", layer), name.split("/")[1])
+    return out
+
+
+def test_per_clip_squared_gradients_match_keras(trained):
+    import tensorflow as tf
+
+    model, _, _, sens, (x, y) = trained
+    rivals = _rivals(model, x, y)
+    variables = _variables(model)
+    for i in (0, len(y) // 2, len(y) - 1):
+        with tf.GradientTape() as tape:
+            m = _keras_margins(model, x[i:i + 1], y[i:i + 1], rivals[i:i + 1])[0]
+        grads = tape.gradient(m, list(variables.values()))
+        assert float(m) == pytest.approx(sens.margins[0, i], rel=1e-4, abs=1e-4)
+        for name, g in zip(variables, grads):
+            g = g.numpy().astype(np.float64)
+            ref = (g ** 2).reshape(-1, g.shape[-1]).sum(0) if g.ndim > 1 else g ** 2
+            np.testing.assert_allclose(sens.sq_grads[name][0, i], ref, rtol=2e-3, atol=1e-6 * ref.max())
+
+
+def test_stacked_lstm_with_normalization_and_dropout():
+    """The unrolled forward follows the other model shapes build_model makes (normalisation layer,
+    2 LSTM layers, dropout): logits and per-clip squared gradients against Keras's own."""
+    import tensorflow as tf
+
+    from qat.models import build_model
+
+    rng = np.random.default_rng(3)
+    x = rng.random((6, 12, 10)).astype(np.float32)
+    model = build_model((12, 10), 4, ModelSpec(units=8, layers=2, dropout=0.2), x.reshape(-1, 10).mean(0),
+                        x.reshape(-1, 10).var(0) + 1e-3)
+    y = rng.integers(0, 4, 6)
+    sens = sensitivity(model, x, y, competitors=3)
+    rivals = _rivals(model, x, y)
+    variables = _variables(model)
+    assert set(variables) == {"lstm/kernel", "lstm/recurrent_kernel", "lstm/bias", "lstm_1/kernel",
+                              "lstm_1/recurrent_kernel", "lstm_1/bias", "dense/kernel", "dense/bias"}
+    for i in range(len(y)):
+        with tf.GradientTape() as tape:
+            m = _keras_margins(model, x[i:i + 1], y[i:i + 1], rivals[i:i + 1])[0]
+        grads = tape.gradient(m, list(variables.values()))
+        assert float(m) == pytest.approx(sens.margins[0, i], rel=1e-4, abs=1e-5)
+        for name, g in zip(variables, grads):
+            g = g.numpy().astype(np.float64)
+            ref = (g ** 2).reshape(-1, g.shape[-1]).sum(0) if g.ndim > 1 else g ** 2
+            np.testing.assert_allclose(sens.sq_grads[name][0, i], ref, rtol=2e-3, atol=1e-6 * ref.max() + 1e-12)
+
+
+def test_noise_gain_matches_margin_change_under_injected_noise(trained):
+    """For small independent weight noise with the per-unit variance of an 8-bit grid, the mean
+    squared change of every margin, measured by running the Keras model with noisy weights, is
+    the predicted sum_t sum_c sigma_tc^2 * sum_rows g^2."""
+    model, _, _, sens, (x, y) = trained
+    cfg = weight_config(8, "per_channel")
+    predicted = config_variance(sens, cfg)[0]                      # [clips], first rival
+    rivals = _rivals(model, x, y)
+    variables = _variables(model)
+    orig = {n: v.numpy() for n, v in variables.items()}
+    m0 = _keras_margins(model, x, y, rivals).numpy().astype(np.float64)
+    specs = {n: cfg.bias if n.endswith("/bias") else cfg.weights for n in orig}
+    sigma = {n: np.sqrt(sens.column_noise(n, specs[n])) for n in orig}
+    rng = np.random.default_rng(0)
+    sq = np.zeros_like(m0)
+    draws = 24
+    try:
+        for _ in range(draws):
+            for n, v in variables.items():
+                v.assign((orig[n] + rng.standard_normal(orig[n].shape) * sigma[n]).astype(np.float32))
+            sq += (_keras_margins(model, x, y, rivals).numpy() - m0) ** 2
+    finally:
+        for n, v in variables.items():
+            v.assign(orig[n])
+    measured = sq / draws
+    ratio = measured.sum() / predicted.sum()
+    assert 0.85 < ratio < 1.15, ratio
+    # clip by clip too: the per-clip predictions order the clips as the measurements do
+    assert np.corrcoef(np.log(predicted), np.log(measured))[0, 1] > 0.8
+
+
+def test_probability_formula_matches_sampling():
+    rng = np.random.default_rng(1)
+    margins = rng.normal(1.0, 2.0, size=(2, 400))
+    variance = rng.uniform(0.1, 4.0, size=(2, 400))
+    noise = rng.standard_normal((4000, 2, 400)) * np.sqrt(variance)
+    sampled = np.all(margins + noise > 0, axis=1).mean(axis=0)
+    np.testing.assert_allclose(probability_correct(margins, variance), sampled, atol=0.04)
+    assert np.array_equal(probability_correct(margins, np.zeros_like(margins)), np.all(margins > 0, axis=0))
+
+
+def test_predicted_drop_falls_with_bits_and_vanishes_at_16(trained):
+    model, _, _, sens, (x, y) = trained
+    assert sens.correct.mean() > 0.85          # the property is about a trained classifier
+    for granularity in ("per_tensor", "per_channel"):
+        drops = [r["predicted_drop"] for r in drop_table(sens, range(2, 17), (granularity,))]
+        # Not a theorem: noise can also push a misclassified clip near the boundary to the right
+        # class (measured drops dip below 0 too), so allow 0.1 points of rise between bit-widths.
+        assert all(a >= b - 0.1 for a, b in zip(drops, drops[1:])), drops
+        assert drops[0] > drops[1] > drops[2] > drops[6] and drops[0] > 5, drops
+        assert abs(drops[-1]) < 0.01, drops
+    # the function form agrees with the table, and reuses the same gradient pass
+    cfg = weight_config(3, "per_channel")
+    assert predict_drop(model, x, y, cfg, sens=sens) == pytest.approx(
+        [r for r in drop_table(sens, [3], ["per_channel"])][0]["predicted_drop"])
+    # per channel is never predicted worse than per tensor for this asymmetric min-max grid
+    pt = drop_table(sens, [2, 3, 4], ["per_tensor"])
+    pc = drop_table(sens, [2, 3, 4], ["per_channel"])
+    assert all(c["predicted_drop"] <= t["predicted_drop"] + 0.05 for t, c in zip(pt, pc))
+
+
+def test_mixed_proposal_is_the_smallest_within_budget(trained):
+    import itertools
+
+    _, _, _, sens, _ = trained
+    bits = (2, 4, 8)
+    budget = 0.5 * (drop_table(sens, [2], ["per_tensor"])[0]["predicted_drop"]
+                    + drop_table(sens, [4], ["per_tensor"])[0]["predicted_drop"])
+    prop = propose_mixed(sens, budget, bits=bits, bias_bits=None)
+    assert prop.predicted_drop <= budget
+    assert sens.drop(config_variance(sens, prop.config)) == pytest.approx(prop.predicted_drop)
+    assert packed_size(sens, prop.config) == prop.size_bytes
+    # brute force, written independently: every combination through the public predictor
+    names = sens.names
+    best = None
+    for combo in itertools.product(bits, repeat=len(names)):
+        cfg = QuantConfig(weights=QuantSpec(2), bias=QuantSpec(2),
+                          overrides={n: QuantSpec(b) for n, b in zip(names, combo)})
+        if sens.drop(config_variance(sens, cfg)) <= budget:
+            size = packed_size(sens, cfg)
+            best = size if best is None else min(best, size)
+    assert prop.size_bytes == best
+    assert prop.uniform_bits is not None and prop.size_bytes <= prop.uniform_size_bytes
+    greedy = propose_mixed(sens, budget, bits=bits, bias_bits=None, exhaustive_limit=0)
+    assert greedy.predicted_drop <= budget and greedy.size_bytes >= prop.size_bytes
+    kept = propose_mixed(sens, budget, bits=bits)                 # default: biases stay at 8 bits
+    assert kept.bits["lstm/bias"] == kept.bits["dense/bias"] == 8 and kept.predicted_drop <= budget
+    assert kept.size_bytes >= prop.size_bytes
+    with pytest.raises(ConfigError, match="cannot be met"):
+        propose_mixed(sens, 0.0, bits=(2,))
+
+
+def test_run_report_verifies_the_proposal_on_test(trained):
+    model, feats, _, _, _ = trained
+    r = predict_run(model, feats, PredictSpec(n_calib=64, bits=(3, 4, 8)), max_drop=5.0)
+    assert [row["bits"] for row in r["table"]] == [3, 3, 4, 4, 8, 8]
+    v = r["verified"]
+    assert v["drop"] == pytest.approx(100 * (v["float_acc"] - v["quant_acc"]))
+    assert r["proposal"].predicted_drop <= 5.0
+
+
+def test_ptq_summary_keys(trained):
+    from qat.recipes import QuantOptions, RecipeSpec
+
+    model, feats, _, _, _ = trained
+    spec = PredictSpec(calib="train", n_calib=128)
+    cfg = QuantOptions().quant_config(RecipeSpec(method="ptq_seed", bits=3))
+    out = predict_summary(model, feats, cfg, 0, spec)
+    assert out["predict/weights_only"] is False and out["predict/calibration_clips"] == 128
+    x, y = calibration_set(feats.x["train"], feats.y["train"], 128, 0)
+    assert out["predict/degradation"] == pytest.approx(predict_drop(model, x, y, cfg), abs=1e-6)
+    with_acts = QuantOptions().quant_config(RecipeSpec(method="ptq_seed", bits=3, act_bits=8))
+    out = predict_summary(model, feats, with_acts, 0, spec)
+    assert out["predict/weights_only"] is True
+    assert out["predict/degradation"] == pytest.approx(predict_drop(model, x, y, cfg), abs=1e-6)
+
+
+def test_bad_input_is_a_config_error(trained):
+    model, _, _, sens, (x, y) = trained
+    with pytest.raises(ConfigError, match="never used"):
+        PredictSpec(calib="test")
+    with pytest.raises(ConfigError, match="weight quantization only"):
+        config_variance(sens, QuantConfig(weights=QuantSpec(4), inputs=QuantSpec(8)))
+    with pytest.raises(ConfigError, match="override"):
+        config_variance(sens, QuantConfig(weights=QuantSpec(4), overrides={"lstm/nope": QuantSpec(3)}))
+    with pytest.raises(ConfigError, match="labels"):
+        sensitivity(model, x, y[:3])
+    with pytest.raises(ConfigError, match="max_drop"):
+        propose_mixed(sens, "one")
+
+
+@pytest.mark.slow
+def test_evaluate_predict_only(trained, tmp_path):
+    """`python evaluate.py run_dir=... predict_only=true max_drop=...` on a saved run folder."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from qat.checkpoints import save_model_dir
+
+    model, feats, cache, _, _ = trained
+    run_dir = tmp_path / "run"
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=study", "data=fsdd", f"data.root={FSDD}", f"data.limit_per_class={LIMIT}",
+                                           f"model.units={UNITS}", f"trainer.epochs={EPOCHS}", f"cache_dir={cache}",
+                                           "logger=none"])
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
+    save_model_dir(model, {"epochs": EPOCHS}, run_dir / "float")
+    (run_dir / "summary.json").write_text(json.dumps({"method": "none", "bits": 4}))
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), f"run_dir={run_dir}", "predict_only=true",
+                           "max_drop=3", "predict.n_calib=64", f"hydra.run.dir={tmp_path / 'eval'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "| bits | per_tensor drop | per_channel drop" in out
+    assert all(f"\n| {b} |" in out for b in range(2, 9))
+    assert "mixed precision under a predicted drop of 3 points" in out and "verified by PTQ on the test split" in out
