@@ -15,7 +15,7 @@ it is computed by re-quantizing round-to-nearest runs (for GPTQ runs it is left 
 predictor of the expected drop would still show an MAE of about 0.8 noise sd. `--mixed` also
 proposes bits per tensor under each budget for every float model and verifies the proposal (and the
 smallest uniform bit-width within the same predicted budget) by PTQ on the test split. Results and
-exact commands: benchmarks/ISSUE9.md.
+exact commands: BENCHMARKS.md (section 6).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ predicted drop is 100 * (mean_i correct_i - mean_i P_i) points. The gradient pas
 model (`sensitivity`, 2-5 s for 512 clips on 2 CPU cores); a config after that costs milliseconds,
 and the variances of tensors add, so `propose_mixed` can search bits per tensor exhaustively.
 
-Choices, by measurement (benchmarks/ISSUE9.md):
+Choices, by measurement (BENCHMARKS.md (section 6)):
 - Validation clips by default: training margins are over-confident (the model was fitted to them)
   and under-predict the drop on FSDD; validation clips did as well or better on every data set.
 - Noise rather than the actual rounding pattern: the first-order effect of the actual errors on
@@ -393,7 +393,7 @@ def propose_mixed(sens: Sensitivity, max_drop: float, bits: Sequence[int] = DEFA
     `bias_bits`: biases are kept at this width (default 8; None = search them like the kernels).
     They are under 1 % of the weights, so low-bit biases save almost nothing, and their rounding
     error is the one the noise model predicts worst: a few hundred errors that shift every gate
-    coherently (measured in benchmarks/ISSUE9.md).
+    coherently (measured in BENCHMARKS.md (section 6)).
 
     Exhaustive when there are at most `exhaustive_limit` combinations (5 tensors x 7 bit-widths =
     16,807: candidates are tried cheapest first, the first within budget wins), else greedy (lower

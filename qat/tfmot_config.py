@@ -6,7 +6,7 @@ column with per_channel), activations its `MovingAverageQuantizer` (EMA of batch
 training); both are TF's `fake_quant_with_min_max_vars*` with a straight-through gradient.
 
 What tfmot cannot do for an LSTM (verified in tests/test_tfmot.py and described in
-benchmarks/ISSUE5.md):
+BENCHMARKS.md, section 5):
 - Quantize the recurrent state. tfmot only swaps weight attributes and *activation functions* of
   the wrapped layer. With `act_bits`, the cell's `recurrent_activation` (sigmoid) and `activation`
   (tanh) are wrapped; tfmot quantizes the *input* of sigmoid/tanh, so what gets quantized is the
