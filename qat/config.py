@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import logging
 import sys
-from typing import Any, Callable, Dict, Mapping, Type, TypeVar
+from typing import Any, Callable, Mapping, Type, TypeVar
 
 from qat import ConfigError
 from qat.data import DataSpec

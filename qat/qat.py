@@ -13,9 +13,8 @@ fine-tuning is one of the candidates, so QAT never ends below its starting point
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import tf_keras as keras

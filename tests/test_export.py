@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from qat import ConfigError
-from qat.export import (TFLiteModel, load_packed_model, pack_bits, read_packed, tflite_model, unpack_bits,
+from qat.export import (load_packed_model, pack_bits, read_packed, tflite_model, unpack_bits,
                         write_packed_model)
 from qat.models import ModelSpec, build_model
 from qat.quantize import freeze_ranges, quantize_model, quantized_weights
