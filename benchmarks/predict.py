@@ -113,7 +113,7 @@ def main() -> int:
             sens_cache[mkey] = (model, sens, feats, s["task"], spec.seed)
             timing.append(sens.seconds)
         model, sens = sens_cache[mkey][:2]
-        opts, _ = QuantOptions.pick(spec.recipe.options, spec.recipe.method)
+        opts, _ = QuantOptions.pick(spec.recipe.options)
         qcfg = opts.quant_config(spec.recipe)
         t0 = time.perf_counter()
         var = config_variance(sens, qcfg)

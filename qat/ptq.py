@@ -146,7 +146,7 @@ def gptq(float_model, qmodel, x_calib: np.ndarray, damp: float = 0.01) -> None:
 
 def run(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path, tracker, verbose: int = 0):
     """`ptq` / `ptq_seed`: quantize, optionally bias-correct and calibrate, report, export packed."""
-    opts, rest = QuantOptions.pick(spec.options, spec.method)
+    opts, rest = QuantOptions.pick(spec.options)
     bias_correction = bool(rest.pop("bias_correction", False))
     use_gptq = bool(rest.pop("gptq", False))
     damp = float(rest.pop("gptq_damp", 0.01))

@@ -42,7 +42,7 @@ class FreezeRangesAfter(keras.callbacks.Callback):
 
 
 def _options(spec: RecipeSpec):
-    opts, rest = QuantOptions.pick(spec.options, spec.method)
+    opts, rest = QuantOptions.pick(spec.options)
     epochs = rest.pop("epochs", 10)
     lr = rest.pop("learning_rate", 1e-4)
     freeze_after = rest.pop("freeze_ranges_after", None)

@@ -58,7 +58,7 @@ class QuantOptions:
     calibration_size: int = 512         # training clips used to calibrate activation / state ranges
 
     @classmethod
-    def pick(cls, options: Dict[str, Any], method: str):
+    def pick(cls, options: Dict[str, Any]):
         """Split `options` into (this class's fields, the rest); unknown keys are left for the caller."""
         names = {f.name for f in dataclasses.fields(cls)}
         mine = {k: v for k, v in options.items() if k in names}
