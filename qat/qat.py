@@ -23,7 +23,8 @@ from qat import ConfigError
 from qat.export import load_packed_model, write_packed_model
 from qat.ptq import batches, calibration_clips
 from qat.quantize import calibrate, freeze_ranges, quantize_model
-from qat.recipes import QuantOptions, RecipeResult, RecipeSpec, check_bits, check_options, report_summary, weight_report
+from qat.recipes import (QuantOptions, RecipeResult, RecipeSpec, check_bits, check_options, max_levels,
+                         report_summary, weight_report)
 from qat.training import TrainSpec, fit, set_seed
 
 QAT_OPTIONS = ("epochs", "learning_rate", "freeze_ranges_after", "progressive_bits", "learned")
@@ -163,8 +164,7 @@ def run_tfmot(spec: RecipeSpec, model, feats, trainer: TrainSpec, seed: int, run
     for layer in qmodel.layers:
         for weight, quantizer, qvars in getattr(layer, "_weight_vars", []):
             wq = quantizer(weight, False, weights=qvars).numpy()
-            groups = wq.reshape(-1, wq.shape[-1]).T if opts.granularity == "per_channel" else wq.reshape(1, -1)
-            levels = max(len(np.unique(g)) for g in groups)
+            levels = max_levels(wq, opts.granularity == "per_channel")
             name = weight.name.split(":")[0].replace("/lstm_cell", "")
             summary[f"quant/weights/{name}/levels"] = levels
             summary[f"quant/weights/{name}/mse"] = float(np.mean((wq - weight.numpy()) ** 2))

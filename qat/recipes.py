@@ -93,6 +93,16 @@ def float_weight(model, name: str) -> np.ndarray:
     return getattr(getattr(layer, "cell", layer), weight).numpy()
 
 
+def max_levels(values: np.ndarray, per_channel: bool, axis: int = -1) -> int:
+    """Largest number of distinct values in one quantization group (the whole tensor, or one channel
+    along `axis`)."""
+    values = np.asarray(values)
+    if not per_channel:
+        return len(np.unique(values))
+    columns = np.moveaxis(values, axis, -1)
+    return max(len(np.unique(c)) for c in columns.reshape(-1, columns.shape[-1]).T)
+
+
 def weight_report(float_model, qmodel) -> Dict[str, Any]:
     """Per weight tensor: MAE, MSE, SQNR (dB) of the quantized weight against the float one, bits and
     the number of distinct values per quantization group (must be <= 2^bits)."""
@@ -102,9 +112,7 @@ def weight_report(float_model, qmodel) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for name, q in quantized_weights(qmodel).items():
         stats = error_stats(float_weight(float_model, name), q.values)
-        codes = q.codes if q.spec.granularity == "per_tensor" else np.moveaxis(q.codes, q.spec.axis, -1)
-        groups = codes.reshape(1, -1) if q.spec.granularity == "per_tensor" else codes.reshape(-1, codes.shape[-1]).T
-        levels = max(len(np.unique(g)) for g in groups)
+        levels = max_levels(q.codes, q.spec.granularity == "per_channel", q.spec.axis)
         out[name] = {**stats, "bits": q.spec.bits, "levels": levels, "levels_ok": levels <= 2 ** q.spec.bits}
     return out
 

@@ -63,27 +63,31 @@ def _variables(model):
     return out
 
 
-def test_per_clip_squared_gradients_match_keras(trained):
+def _check_against_keras(model, x, y, sens, rivals, variables, clips, margin_abs, grad_atol=0.0):
+    """Margins and per-clip squared gradients of `sens` against a tf.GradientTape through Keras."""
     import tensorflow as tf
+
+    for i in clips:
+        with tf.GradientTape() as tape:
+            m = _keras_margins(model, x[i:i + 1], y[i:i + 1], rivals[i:i + 1])[0]
+        grads = tape.gradient(m, list(variables.values()))
+        assert float(m) == pytest.approx(sens.margins[0, i], rel=1e-4, abs=margin_abs)
+        for name, g in zip(variables, grads):
+            g = g.numpy().astype(np.float64)
+            ref = (g ** 2).reshape(-1, g.shape[-1]).sum(0) if g.ndim > 1 else g ** 2
+            np.testing.assert_allclose(sens.sq_grads[name][0, i], ref, rtol=2e-3, atol=1e-6 * ref.max() + grad_atol)
+
+def test_per_clip_squared_gradients_match_keras(trained):
 
     model, _, _, sens, (x, y) = trained
     rivals = _rivals(model, x, y)
     variables = _variables(model)
-    for i in (0, len(y) // 2, len(y) - 1):
-        with tf.GradientTape() as tape:
-            m = _keras_margins(model, x[i:i + 1], y[i:i + 1], rivals[i:i + 1])[0]
-        grads = tape.gradient(m, list(variables.values()))
-        assert float(m) == pytest.approx(sens.margins[0, i], rel=1e-4, abs=1e-4)
-        for name, g in zip(variables, grads):
-            g = g.numpy().astype(np.float64)
-            ref = (g ** 2).reshape(-1, g.shape[-1]).sum(0) if g.ndim > 1 else g ** 2
-            np.testing.assert_allclose(sens.sq_grads[name][0, i], ref, rtol=2e-3, atol=1e-6 * ref.max())
+    _check_against_keras(model, x, y, sens, rivals, variables, (0, len(y) // 2, len(y) - 1), margin_abs=1e-4)
 
 
 def test_stacked_lstm_with_normalization_and_dropout():
     """The unrolled forward follows the other model shapes build_model makes (normalisation layer,
     2 LSTM layers, dropout): logits and per-clip squared gradients against Keras's own."""
-    import tensorflow as tf
 
     from qat.models import build_model
 
@@ -97,15 +101,7 @@ def test_stacked_lstm_with_normalization_and_dropout():
     variables = _variables(model)
     assert set(variables) == {"lstm/kernel", "lstm/recurrent_kernel", "lstm/bias", "lstm_1/kernel",
                               "lstm_1/recurrent_kernel", "lstm_1/bias", "dense/kernel", "dense/bias"}
-    for i in range(len(y)):
-        with tf.GradientTape() as tape:
-            m = _keras_margins(model, x[i:i + 1], y[i:i + 1], rivals[i:i + 1])[0]
-        grads = tape.gradient(m, list(variables.values()))
-        assert float(m) == pytest.approx(sens.margins[0, i], rel=1e-4, abs=1e-5)
-        for name, g in zip(variables, grads):
-            g = g.numpy().astype(np.float64)
-            ref = (g ** 2).reshape(-1, g.shape[-1]).sum(0) if g.ndim > 1 else g ** 2
-            np.testing.assert_allclose(sens.sq_grads[name][0, i], ref, rtol=2e-3, atol=1e-6 * ref.max() + 1e-12)
+    _check_against_keras(model, x, y, sens, rivals, variables, range(len(y)), margin_abs=1e-5, grad_atol=1e-12)
 
 
 def test_noise_gain_matches_margin_change_under_injected_noise(trained):
