@@ -1,7 +1,11 @@
-"""Waveform augmentation for keyword spotting: a random time shift and background-noise mixing at a
-random signal-to-noise ratio, applied to the training clips batch by batch in a tf.data pipeline that
-computes the features on the fly (`qat.features.features_tf`, the same front end as the cached
-features), so every epoch sees new variants of the clips.
+"""Training-clip augmentation for keyword spotting: a random time shift and background-noise mixing
+at a random signal-to-noise ratio, so every epoch sees new variants of the clips.
+
+Two pipelines (`training_data` picks): without noise mixing, the shift moves the cached feature
+frames by whole hops (20 ms in the study's front end), filling with the clip's silence level; this
+costs next to nothing per epoch and also serves QAT fine-tuning, which only has features. With
+noise mixing the waveforms are shifted (by samples) and mixed batch by batch, and the features are
+computed on the fly (`qat.features.features_tf`, the same front end as the cached features).
 
 Randomness is stateless and keyed by (seed, step): the same seed gives the same augmented batches.
 
@@ -128,6 +132,51 @@ def augment(waves, seed, *, max_shift: int = 0, noise=None, noise_prob: float = 
     return mix_noise(waves, noise, noise_prob, snr_db, tf.random.experimental.stateless_fold_in(seed, 1))
 
 
+def shift_frames(x, max_frames: int, seed):
+    """Shift each clip of a [batch, frames, bins] tensor by a uniform random whole number of frames
+    in [-max_frames, max_frames]; frames shifted in take the clip's smallest value (its silence
+    level: 0 for magnitudes, the floor / log offset for log features). The length is unchanged."""
+    import tensorflow as tf
+
+    if max_frames <= 0:
+        return x
+    batch, n = tf.shape(x)[0], tf.shape(x)[1]
+    offsets = tf.random.stateless_uniform([batch], seed, minval=0, maxval=2 * max_frames + 1, dtype=tf.int32)
+    silence = tf.reduce_min(x, axis=[1, 2], keepdims=True)
+    pad = tf.broadcast_to(silence, [batch, max_frames, tf.shape(x)[2]])
+    padded = tf.concat([pad, x, pad], axis=1)
+    return tf.gather(padded, offsets[:, None] + tf.range(n)[None, :], batch_dims=1)
+
+
+def _epochs_of(ds, n: int, batch_size: int, seed: int, step):
+    """Shuffle each epoch, batch (never straddling epochs), repeat, and map `step(i, batch)`."""
+    ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True).batch(batch_size).repeat()
+    return ds.enumerate().map(step, num_parallel_calls=2, deterministic=True).prefetch(2)
+
+
+def frame_shift_dataset(x: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, max_frames: int):
+    """An endless tf.data pipeline of (features, labels) batches of cached features, each clip shifted
+    by up to `max_frames` frames (`shift_frames`), reshuffled each epoch. Returns (dataset,
+    steps_per_epoch). Deterministic given `seed`."""
+    import tensorflow as tf
+
+    if len(x) != len(labels):
+        raise ValueError(f"{len(x)} feature arrays but {len(labels)} labels")
+
+    def step(i, batch):
+        return shift_frames(batch[0], max_frames, tf.stack([tf.constant(seed, tf.int64), i])), batch[1]
+
+    ds = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), labels.astype(np.int64)))
+    return _epochs_of(ds, len(x), batch_size, seed, step), int(np.ceil(len(x) / batch_size))
+
+
+def shift_in_frames(time_shift_ms: float, hop_ms: float) -> int:
+    """The largest whole number of frames within +/- time_shift_ms (at least 1 when shifting at all)."""
+    if time_shift_ms <= 0:
+        return 0
+    return max(1, int(round(time_shift_ms / hop_ms)))
+
+
 def training_dataset(waves: np.ndarray, labels: np.ndarray, feature_spec, sample_rate: int, batch_size: int,
                      seed: int, *, max_shift: int = 0, noise: Optional[np.ndarray] = None,
                      noise_prob: float = 0.0, snr_db: Tuple[float, float] = (10.0, 30.0)):
@@ -150,39 +199,54 @@ def training_dataset(waves: np.ndarray, labels: np.ndarray, feature_spec, sample
         return features_tf(x, feature_spec, sample_rate), y
 
     ds = tf.data.Dataset.from_tensor_slices((waves.astype(np.float32), labels.astype(np.int64)))
-    ds = ds.shuffle(len(waves), seed=seed, reshuffle_each_iteration=True).batch(batch_size).repeat()
-    ds = ds.enumerate().map(step, num_parallel_calls=2, deterministic=True).prefetch(2)
-    return ds, steps
+    return _epochs_of(ds, len(waves), batch_size, seed, step), steps
 
 
-def augmented_training_data(data: DataSpec, feature_spec, trainer, files: Sequence[str], labels: np.ndarray,
-                            seed: int):
-    """The training clips (`files`, in the order of `labels`) as an augmented pipeline set up from the
-    trainer's settings (`time_shift_ms`, `noise_prob`, `noise_snr_db`, `noise_dir`).
+def noise_bank(data: DataSpec, trainer) -> Optional[np.ndarray]:
+    """[K, samples] noise pieces for the trainer's noise mixing, or None where mixing is off or the
+    data set has no background noise (FSDD; a warning says so)."""
+    if trainer.noise_prob <= 0:
+        return None
+    noise_list = noise_files(data, trainer.noise_dir)
+    noise = load_noise(noise_list, data.sample_rate, data.num_samples) if noise_list else None
+    if noise is None or len(noise) == 0:
+        log.warning("trainer.noise_prob=%s but data %r has no background noise (no %s folder under %s): "
+                    "noise mixing is off; set trainer.noise_dir=<folder of noise WAVs> to mix noise",
+                    trainer.noise_prob, data.name, " or ".join(NOISE_FOLDERS), data.root)
+        return None
+    log.info("noise mixing: %d noise pieces from %d files", len(noise), len(noise_list))
+    return noise
 
-    Returns (dataset, steps_per_epoch, info) with info = {"aug_noise_pieces": K, "aug_setup_s": s}.
-    Where noise mixing is on but neither `noise_dir` nor the data set provide noise (FSDD), mixing is
-    left off with a warning and K = 0.
+
+def training_data(data: Optional[DataSpec], feature_spec, trainer, feats, seed: int):
+    """The training split of `feats` as an augmented pipeline set up from the trainer's settings
+    (`time_shift_ms`, `noise_prob`, `noise_snr_db`, `noise_dir`), or (None, None, {}) when the
+    trainer does not augment.
+
+    Without noise (mixing off, no noise in the data set, or `data=None` as in QAT fine-tuning, which
+    has only features) the cached frames are shifted by whole hops; with noise the waveforms are
+    read, shifted, mixed and turned into features on the fly. Returns (dataset, steps_per_epoch,
+    info) with info = {"aug_pipeline": "frames" | "waveforms", "aug_noise_pieces": K, "aug_setup_s": s}.
     """
+    if not trainer.augment:
+        return None, None, {}
     t0 = time.perf_counter()
-    waves, kept = load_waveforms(list(files), data)
+    noise = noise_bank(data, trainer) if data is not None else None
+    labels = feats.y["train"]
+    if noise is None:
+        max_frames = shift_in_frames(trainer.time_shift_ms, feats.hop_ms)
+        if max_frames == 0:
+            return None, None, {}
+        dataset, steps = frame_shift_dataset(feats.x["train"], labels, trainer.batch_size, seed, max_frames)
+        return dataset, steps, {"aug_pipeline": "frames", "aug_shift_frames": max_frames, "aug_noise_pieces": 0,
+                                "aug_setup_s": time.perf_counter() - t0}
+    waves, kept = load_waveforms(list(feats.files["train"]), data)
     if not kept.all() or len(waves) != len(labels):
         raise ConfigError(f"{int((~kept).sum())} training clip(s) of {data.name!r} are unreadable now but were "
                           "read when the features were cached: clear the feature cache (cache_dir) and rerun")
-    noise = None
-    if trainer.noise_prob > 0:
-        noise_list = noise_files(data, trainer.noise_dir)
-        noise = load_noise(noise_list, data.sample_rate, data.num_samples) if noise_list else None
-        if noise is None or len(noise) == 0:
-            log.warning("trainer.noise_prob=%s but data %r has no background noise (no %s folder under %s): "
-                        "noise mixing is off; set trainer.noise_dir=<folder of noise WAVs> to mix noise",
-                        trainer.noise_prob, data.name, " or ".join(NOISE_FOLDERS), data.root)
-            noise = None
-        else:
-            log.info("noise mixing: %d noise pieces from %d files", len(noise), len(noise_list))
     max_shift = int(round(trainer.time_shift_ms * data.sample_rate / 1000.0))
     dataset, steps = training_dataset(waves, labels, feature_spec, data.sample_rate, trainer.batch_size, seed,
                                       max_shift=max_shift, noise=noise, noise_prob=trainer.noise_prob,
                                       snr_db=trainer.noise_snr_db)
-    return dataset, steps, {"aug_noise_pieces": 0 if noise is None else int(len(noise)),
+    return dataset, steps, {"aug_pipeline": "waveforms", "aug_noise_pieces": int(len(noise)),
                             "aug_setup_s": time.perf_counter() - t0}

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from qat import ConfigError
+from qat.augment import training_data
 from qat.checkpoints import MODEL_FILE, cached_float_model, digest, load_model_dir, save_model_dir
 from qat.data import DataSpec
 from qat.features import Features, FeatureSpec, load_features, normalization_stats
@@ -68,12 +69,7 @@ def train_float(spec: RunSpec, feats: Features, tracker: Tracker):
     if spec.features.normalize:
         mean, var = normalization_stats(feats.x["train"])
     model = build_model(feats.input_shape, len(feats.class_names), spec.model, mean, var)
-    train_data, steps, aug = None, None, {}
-    if spec.trainer.augment:   # waveforms are read only here: runs without augmentation use cached features
-        from qat.augment import augmented_training_data
-
-        train_data, steps, aug = augmented_training_data(spec.data, spec.features, spec.trainer,
-                                                         feats.files["train"], feats.y["train"], spec.seed)
+    train_data, steps, aug = training_data(spec.data, spec.features, spec.trainer, feats, spec.seed)
     start = time.perf_counter()
     result = fit(model, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], spec.trainer,
                  verbose=spec.verbose, train_data=train_data, steps_per_epoch=steps,

@@ -31,6 +31,7 @@ class FeatureSpec:
     mel_bins: int = 0          # 0: the linear STFT bins (the study); >0: a mel filterbank of that size
     log: bool = False          # log(x + log_offset) compression
     log_offset: float = 1e-6
+    log_floor_db: float = 0.0  # >0: before the log, floor each clip at (its peak - this many dB); 0 = off
     normalize: bool = False    # per-frequency mean / variance, fitted on the training part (in the model)
 
     def __post_init__(self):
@@ -45,6 +46,10 @@ class FeatureSpec:
                               f"or 1..{self.fft_length // 2 + 1}")
         if self.log_offset <= 0:
             raise ConfigError(f"features.log_offset={self.log_offset!r} is not allowed: expected > 0")
+        if isinstance(self.log_floor_db, bool) or not isinstance(self.log_floor_db, (int, float)) \
+                or self.log_floor_db < 0:
+            raise ConfigError(f"features.log_floor_db={self.log_floor_db!r} is not allowed: expected a number "
+                              "of dB >= 0 (0 = no floor)")
 
     def shape(self, num_samples: int) -> Tuple[int, int]:
         """(frames, bins) of one clip."""
@@ -65,6 +70,9 @@ def features_tf(waves, spec: FeatureSpec, sample_rate: int):
                                                        20.0, sample_rate / 2.0)
         x = tf.tensordot(x, matrix, 1)
     if spec.log:
+        if spec.log_floor_db > 0:   # relative floor: digital silence and empty bands become one level
+            peak = tf.reduce_max(x, axis=[-2, -1], keepdims=True)
+            x = tf.maximum(x, peak * 10.0 ** (-spec.log_floor_db / 20.0))
         x = tf.math.log(x + spec.log_offset)
     return x
 
@@ -93,6 +101,7 @@ class Features:
     files: Dict[str, List[str]]
     class_names: List[str]
     key: str = ""        # digest of data + front end: identifies these features in caches
+    hop_ms: float = 0.0  # time between two frames (frame_step / sample rate), for shifts in frames
 
     @property
     def input_shape(self) -> Tuple[int, int]:
@@ -114,6 +123,7 @@ def load_features(data: DataSpec, feats: FeatureSpec, cache_dir: str | None) -> 
     else computed from the WAV files and cached (written atomically)."""
     file_list = list_files(data)
     key = cache_key(data, feats, file_list.signature())
+    hop_ms = 1000.0 * feats.frame_step / data.sample_rate
     path = None
     if cache_dir:
         path = Path(os.path.expanduser(cache_dir)) / "features" / f"{data.name}-{key}.npz"
@@ -122,7 +132,7 @@ def load_features(data: DataSpec, feats: FeatureSpec, cache_dir: str | None) -> 
                 with np.load(path, allow_pickle=False) as z:
                     log.info("features from cache %s", path)
                     return Features({s: z[f"x_{s}"] for s in SPLITS}, {s: z[f"y_{s}"] for s in SPLITS},
-                                    {s: list(z[f"files_{s}"]) for s in SPLITS}, list(z["class_names"]), key)
+                                    {s: list(z[f"files_{s}"]) for s in SPLITS}, list(z["class_names"]), key, hop_ms)
             except (OSError, KeyError, ValueError) as e:
                 log.warning("ignoring unreadable feature cache %s (%s); recomputing", path, e)
     x, y, files = {}, {}, {}
@@ -133,7 +143,7 @@ def load_features(data: DataSpec, feats: FeatureSpec, cache_dir: str | None) -> 
         files[split] = [f for f, k in zip(file_list.files[split], kept) if k]
         if len(x[split]) == 0:
             raise ConfigError(f"no readable clips in the {split} part of {data.name!r}")
-    out = Features(x, y, files, file_list.class_names, key)
+    out = Features(x, y, files, file_list.class_names, key, hop_ms)
     if path is not None:
         _save_atomic(path, out)
     return out

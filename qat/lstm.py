@@ -24,7 +24,7 @@ from typing import Optional
 import tensorflow as tf
 import tf_keras as keras
 
-from qat.quantizers import ActivationQuantizer, QuantSpec, WeightQuantizer
+from qat.quantizers import ActivationQuantizer, QuantSpec, WeightQuantizer, bind_concat
 
 GATES = ("gate_i", "gate_f", "gate_c", "gate_o")
 STATES = ("state_c", "state_h")
@@ -112,6 +112,11 @@ class QLSTM(keras.layers.Layer):
         q = self.activation_quantizers.get(name)
         return (lambda x: x) if q is None else q.bind()
 
+    def _gates_quant(self):
+        """One fake-quant for the four concatenated gates (each with its own range), or None."""
+        qs = [self.activation_quantizers.get(g) for g in GATES]
+        return None if qs[0] is None else bind_concat(qs, self.units)
+
     def _run(self, inputs, training=None, record=False):
         """Returns (h sequence time-major, dict of recorded pre-quantization values if record)."""
         training = bool(training) and not record
@@ -134,7 +139,7 @@ class QLSTM(keras.layers.Layer):
         rec_mask = None
         if training and self.recurrent_dropout > 0:
             rec_mask = tf.nn.dropout(tf.ones_like(zeros), rate=self.recurrent_dropout)
-        gq = [self._quant(g) for g in GATES]
+        gq = self._gates_quant()
         cq, hq = self._quant("state_c"), self._quant("state_h")
         act, rec_act = self.activation, self.recurrent_activation
 
@@ -143,7 +148,7 @@ class QLSTM(keras.layers.Layer):
             z = xz_t + tf.matmul(h if rec_mask is None else h * rec_mask, rec_kernel)
             zi, zf, zc, zo = tf.split(z, 4, axis=1)
             gates = (rec_act(zi), rec_act(zf), act(zc), rec_act(zo))
-            i, f, g, o = (q(v) for q, v in zip(gq, gates))
+            i, f, g, o = gates if gq is None else tf.split(gq(tf.concat(gates, axis=1)), 4, axis=1)
             c_raw = f * c + i * g
             c_new = cq(c_raw)
             h_raw = o * act(c_new)

@@ -9,6 +9,7 @@ Options users of QAT expect: fine-tuning epochs and learning rate, freezing the 
 epochs, progressive lowering of bits (e.g. 8 -> 4 -> target), early stopping on the quantized
 model's validation accuracy (trainer.patience) with its best weights restored; the model before
 fine-tuning is one of the candidates, so QAT never ends below its starting point on validation.
+Fine-tuning sees the trainer's time shift (on the cached frames, `qat.augment`), not its noise mixing.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import tf_keras as keras
 
 from qat import ConfigError
+from qat.augment import training_data
 from qat.export import load_packed_model, write_packed_model
 from qat.ptq import batches, calibration_clips
 from qat.quantize import calibrate, freeze_ranges, quantize_model
@@ -101,9 +103,10 @@ def run(spec: RecipeSpec, model, feats, trainer: TrainSpec, seed: int, run_dir: 
             calibrate(qmodel, batches(calib))
         callbacks = [FreezeRangesAfter(freeze_after)] if freeze_after and bits == spec.bits else []
         start_weights, start_acc = qmodel.get_weights(), validation_accuracy(qmodel, feats)
+        train_data, steps, _ = training_data(None, None, trainer, feats, seed)
         result = fit(qmodel, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], trainer,
                      epochs=epochs, learning_rate=lr, callbacks=callbacks, verbose=verbose,
-                     on_epoch=lambda e, logs, b=bits: tracker.log(
+                     train_data=train_data, steps_per_epoch=steps, on_epoch=lambda e, logs, b=bits: tracker.log(
                          {f"qat/train/{k}": v for k, v in logs.items()} | {"qat/epoch": e + 1, "qat/bits": b}))
         # The starting point competes with the fine-tuned epochs: fine-tuning never lowers val accuracy.
         result["kept_start"] = max(result["history"].get("val_accuracy", [0.0])) < start_acc
@@ -155,8 +158,9 @@ def run_tfmot(spec: RecipeSpec, model, feats, trainer: TrainSpec, seed: int, run
     set_seed(seed)
     qmodel = tfmot_quantize(model, spec.bits, spec.act_bits, per_channel=opts.granularity == "per_channel",
                             symmetric=opts.scheme == "symmetric", narrow_range=opts.narrow_range)
+    train_data, steps, _ = training_data(None, None, trainer, feats, seed)
     result = fit(qmodel, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], trainer,
-                 epochs=epochs, learning_rate=lr, verbose=verbose,
+                 epochs=epochs, learning_rate=lr, verbose=verbose, train_data=train_data, steps_per_epoch=steps,
                  on_epoch=lambda e, logs: tracker.log({f"qat/train/{k}": v for k, v in logs.items()} |
                                                      {"qat/epoch": e + 1}))
     summary: Dict[str, Any] = {"qat/epochs": result["epochs"], "qat/sec_per_epoch": result["sec_per_epoch"]}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from qat import ConfigError
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
@@ -32,7 +32,9 @@ class QuantConfig:
 
     weights: Optional[QuantSpec] = None   # LSTM kernel + recurrent kernel + Dense kernel
     bias: Optional[QuantSpec] = None      # LSTM and Dense biases
-    inputs: Optional[QuantSpec] = None    # layer inputs (act_bits)
+    inputs: Optional[QuantSpec] = None    # layer inputs (act_bits); a Dense input is always per tensor:
+                                          # per-feature ranges of a flattened LSTM sequence would cost
+                                          # two floats per input, more than the weights they serve
     gates: Optional[QuantSpec] = None     # the four LSTM gate activations (act_bits)
     state: Optional[QuantSpec] = None     # LSTM cell state c and hidden state h (state_bits)
     learned: bool = False                 # LSQ: trainable scales (and offsets for asymmetric)
@@ -150,6 +152,8 @@ def _layer_specs(layer, cfg: QuantConfig) -> dict:
     specs["input"] = cfg.inputs
     if isinstance(layer, keras.layers.LSTM):
         specs.update(gate=cfg.gates, state=cfg.state)
+    elif cfg.inputs is not None and cfg.inputs.granularity == "per_channel":
+        specs["input"] = replace(cfg.inputs, granularity="per_tensor")
     return specs
 
 

@@ -414,21 +414,23 @@ class ActivationQuantizer:
         else:
             self.lo, self.hi = add("lo", "zeros", False), add("hi", "zeros", False)
 
-    def bind(self):
-        """Return x -> fake_quant(x) with the range read once (call outside a time loop, use inside)."""
+    def params(self):
+        """(on, scale, zero point or LSQ offset) as tensors, read once: `on` is False until calibrated."""
         on = self.calibrated > 0
         if self.learned:
             frozen = self.frozen > 0
             scale = tf.maximum(tf.convert_to_tensor(self.scale), _MIN_LEARNED_SCALE)
             scale = tf.where(frozen, tf.stop_gradient(scale), scale)
-            offset = 0.0 if self.offset is None else tf.convert_to_tensor(self.offset)
+            offset = tf.zeros_like(scale) if self.offset is None else tf.convert_to_tensor(self.offset)
             if self.offset is not None:
                 offset = tf.where(frozen, tf.stop_gradient(offset), offset)
-            quant = lambda x: lsq_fake_quant(x, scale, offset, self.spec.qmin, self.spec.qmax, self._grad_scale)
-        else:
-            scale, zp = qparams_tf(tf.convert_to_tensor(self.lo), tf.convert_to_tensor(self.hi), self.spec)
-            quant = lambda x: fake_quant(x, scale, zp, self.spec.qmin, self.spec.qmax)
-        return lambda x: tf.where(on, quant(x), x)
+            return on, scale, offset
+        scale, zp = qparams_tf(tf.convert_to_tensor(self.lo), tf.convert_to_tensor(self.hi), self.spec)
+        return on, scale, zp
+
+    def bind(self):
+        """Return x -> fake_quant(x) with the range read once (call outside a time loop, use inside)."""
+        return _bound(self, *self.params())
 
     def __call__(self, x):
         return self.bind()(x)
@@ -454,3 +456,43 @@ class ActivationQuantizer:
             qparams(lo, hi, self.spec)        # validates the range (finite, lo <= hi)
             self.lo.assign(lo), self.hi.assign(hi)
         self.calibrated.assign(1.0)
+
+
+def _bound(q: ActivationQuantizer, on, scale, zp):
+    """x -> fake_quant(x) with `q`'s spec and kind (LSQ or fixed) and these parameters; x passes
+    through unchanged where `on` is False."""
+    if q.learned:
+        quant = lambda x: lsq_fake_quant(x, scale, zp, q.spec.qmin, q.spec.qmax, q._grad_scale)
+    else:
+        quant = fused_fake_quant(scale, zp, q.spec)
+    return lambda x: tf.where(on, quant(x), x)
+
+
+def fused_fake_quant(scale, zero_point, spec: QuantSpec):
+    """x -> fake_quant(x) on the grid scale * (q - zero_point), q in [qmin, qmax], through TensorFlow's
+    fused FakeQuantWithMinMaxVars(PerChannel) op: one kernel forward and one backward (straight-through
+    inside the range, zero outside, as `fake_quant`) instead of about a dozen; used for activations
+    inside the LSTM time loop. Its grid is this one: [qmin, qmax] has 2^b (narrow: 2^b - 1) levels
+    and the range's ends are grid points. It rounds half up where `fake_quant` rounds half to even,
+    which only differs at exact ties. Weights keep `fake_quant`: their codes are exported bit-exactly."""
+    lo = scale * (float(spec.qmin) - zero_point)
+    hi = scale * (float(spec.qmax) - zero_point)
+    narrow = spec.qmax - spec.qmin == 2 ** spec.bits - 2
+    if len(lo.shape) == 0:
+        return lambda x: tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=spec.bits,
+                                                                      narrow_range=narrow)
+    return lambda x: tf.quantization.fake_quant_with_min_max_vars_per_channel(x, lo, hi, num_bits=spec.bits,
+                                                                              narrow_range=narrow)
+
+
+def bind_concat(quantizers, channels: int):
+    """x -> fake_quant(x) for x the concatenation along the last axis of `channels`-wide pieces, the
+    i-th piece quantized exactly as `quantizers[i]` would quantize it alone: one op per time step
+    instead of one per piece (the LSTM's four gates). The quantizers must share one spec and kind."""
+    first = quantizers[0]
+    if any(q.spec != first.spec or q.learned != first.learned for q in quantizers):
+        raise ValueError("bind_concat needs quantizers of one spec and kind")
+    widen = lambda t: tf.broadcast_to(t, [channels])
+    parts = [q.params() for q in quantizers]
+    on, scale, zp = (tf.concat([widen(p[i]) for p in parts], 0) for i in range(3))
+    return _bound(first, on, scale, zp)

@@ -54,6 +54,7 @@ class QuantOptions:
     narrow_range: bool = False
     bias: bool = True                   # quantize biases too (at `bits`, per tensor) or keep them float
     act_scheme: str = "asymmetric"      # activations and state
+    act_granularity: str = "per_tensor" # activations and state: per_tensor | per_channel (per feature / unit)
     act_estimator: str = "minmax"
     calibration_size: int = 512         # training clips used to calibrate activation / state ranges
 
@@ -73,7 +74,7 @@ class QuantOptions:
                             self.narrow_range)
         bias = QuantSpec(spec.bits, self.scheme, "per_tensor", -1, "minmax", narrow_range=self.narrow_range) \
             if self.bias else None
-        act = lambda b: QuantSpec(b, self.act_scheme, "per_tensor", -1, self.act_estimator, self.percentile) \
+        act = lambda b: QuantSpec(b, self.act_scheme, self.act_granularity, -1, self.act_estimator, self.percentile) \
             if b is not None else None
         return QuantConfig(weights=weights, bias=bias, inputs=act(spec.act_bits), gates=act(spec.act_bits),
                            state=act(spec.state_bits), learned=learned)

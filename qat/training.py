@@ -28,8 +28,9 @@ class TrainSpec:
     patience: int = 5                  # early stopping on val_accuracy, best weights restored
     lr_schedule: str = "constant"      # constant | cosine (decay to 0 over `epochs`)
     class_weight: str = "none"         # none | balanced (inverse class frequency)
-    # Waveform augmentation of the training clips (qat.augment), features computed on the fly:
-    time_shift_ms: float = 0.0         # random shift of each clip by up to +/- this, zero-filled; 0 = off
+    # Augmentation of the training clips (qat.augment): a shift of the cached frames in whole hops, or,
+    # with noise mixing, waveforms shifted, mixed and turned into features on the fly:
+    time_shift_ms: float = 0.0         # random shift of each clip by up to +/- this, silence-filled; 0 = off
     noise_prob: float = 0.0            # share of training clips mixed with background noise; 0 = off
     noise_snr_db: Tuple[float, float] = (10.0, 30.0)  # uniform random SNR range of the mixing, in dB
     noise_dir: Optional[str] = None    # noise WAVs; null = the data's own _silence_ (train split only)
@@ -112,7 +113,7 @@ def fit(model, x_train, y_train, x_val, y_val, spec: TrainSpec, *, epochs: Optio
     Returns {"history": {metric: [per epoch]}, "epochs": run, "best_epoch": int, "sec_per_epoch": float}.
     `epochs` / `learning_rate` override the spec (QAT fine-tuning uses its own).
     `train_data`: a tf.data dataset of (features, labels) batches to train on instead of
-    (x_train, y_train), e.g. the augmented pipeline of `qat.augment.training_dataset`, with its
+    (x_train, y_train), e.g. the augmented pipeline of `qat.augment.training_data`, with its
     `steps_per_epoch`; `y_train` still gives the class weights (x_train may then be None).
     """
     epochs = int(epochs or spec.epochs)

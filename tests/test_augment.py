@@ -1,4 +1,5 @@
-"""Waveform augmentation (qat.augment) on real clips, its trainer settings and the config files that use it."""
+"""Augmentation (qat.augment) on real clips: waveform shift and noise mixing, the frame-shift pipeline
+on cached features, its trainer settings and the config files that use it."""
 import os
 import re
 
@@ -9,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from qat import ConfigError
-from qat.augment import MIN_NOISE_RMS, augment, load_noise, mix_noise, noise_files, time_shift, training_dataset
+from qat.augment import (MIN_NOISE_RMS, augment, frame_shift_dataset, load_noise, mix_noise, noise_files,
+                         shift_frames, shift_in_frames, time_shift, training_data, training_dataset)
 from qat.config import run_spec
 from qat.data import SILENCE, DataSpec, list_files, load_waveforms, speaker_of, split_of
 from qat.features import FeatureSpec, compute_features
@@ -170,15 +172,16 @@ def test_study_recipe_is_unchanged():
 def test_option_files_and_preset_compose():
     assert composed("features=log_stft").features == FeatureSpec(log=True)
     assert composed("features=log_stft_norm").features == FeatureSpec(log=True, normalize=True)
-    assert composed("features=log_mel").features == FeatureSpec(mel_bins=40, log=True, normalize=True)
+    assert composed("features=log_mel").features == FeatureSpec(mel_bins=40, log=True, log_floor_db=50,
+                                                                normalize=True)
     shift = composed("trainer=time_shift").trainer
-    assert shift.time_shift_ms == 100 and shift.noise_prob == 0 and (shift.epochs, shift.patience) == (40, 8)
+    assert shift.time_shift_ms == 100 and shift.noise_prob == 0 and (shift.epochs, shift.patience) == (30, 8)
     assert composed("trainer=augment").trainer.noise_prob == 0.5
     balanced = composed("trainer=balanced").trainer
     assert (balanced.class_weight, balanced.lr_schedule) == ("balanced", "cosine")
     best = composed("experiment=seed_task_best")
-    assert best.features == FeatureSpec(mel_bins=40, log=True, normalize=True)
-    assert best.model.units == 80 and best.model.layers == 1 and best.model.dropout == 0.3
+    assert best.features == FeatureSpec(mel_bins=40, log=True, log_floor_db=50, normalize=True)
+    assert best.model.units == 80 and best.model.layers == 1 and best.model.dropout == 0
     assert best.trainer.time_shift_ms == 100
     assert composed("experiment=seed_task_best", "data=fsdd", "trainer.noise_prob=0.5").trainer.noise_prob == 0.5
 
@@ -199,14 +202,78 @@ def test_train_float_with_augmentation(speech_commands_root):
     assert np.all(np.isfinite(info["history"]["loss"]))
 
 
-def test_data_without_noise_trains_without_mixing_and_says_so(fsdd_root, caplog):
-    from qat.augment import augmented_training_data
+def test_data_without_noise_shifts_frames_and_says_so(fsdd_root, caplog):
+    from qat.features import Features
 
     data = DataSpec(name="fsdd", root=str(fsdd_root))
     files = sorted(str(p) for p in fsdd_root.glob("*_jackson_4[0-3].wav"))[:4]
-    ds, steps, info = augmented_training_data(data, FeatureSpec(), TrainSpec(noise_prob=0.5, batch_size=2),
-                                              files, np.arange(len(files)), seed=0)
-    assert steps == 2 and info["aug_noise_pieces"] == 0
+    x = compute_features(load_waveforms(files, data)[0], FeatureSpec(), data.sample_rate)
+    feats = Features({"train": x}, {"train": np.arange(4)}, {"train": files}, ["a", "b", "c", "d"], "k", 20.0)
+    ds, steps, info = training_data(data, FeatureSpec(), TrainSpec(noise_prob=0.5, time_shift_ms=40, batch_size=2),
+                                    feats, seed=0)
+    assert steps == 2 and info["aug_noise_pieces"] == 0 and info["aug_pipeline"] == "frames"
+    assert info["aug_shift_frames"] == 2
     assert "noise mixing is off" in caplog.text
-    x, y = next(iter(ds))
-    assert tuple(x.shape) == (2, 49, 257)
+    xb, _ = next(iter(ds))
+    assert tuple(xb.shape) == (2, 49, 257)
+    assert training_data(data, FeatureSpec(), TrainSpec(), feats, seed=0) == (None, None, {})
+
+
+def test_frame_shift_equals_a_waveform_shift_by_whole_hops(clips):
+    """The oracle: features of the waveform shifted by k hops (zero-filled) are the frames shifted by
+    k, except the two frames at the seam; `shift_frames` gives each clip one such shift."""
+    data, waves, _ = clips
+    spec = FeatureSpec()                      # magnitudes: the silence level of a zero-filled frame is 0
+    x = compute_features(waves, spec, data.sample_rate)
+    hop = spec.frame_step
+    for k in (-3, -1, 2, 5):
+        moved = np.zeros_like(waves)
+        if k >= 0:
+            moved[:, k * hop:] = waves[:, :N - k * hop]
+        else:
+            moved[:, :k * hop] = waves[:, -k * hop:]
+        oracle = compute_features(moved, spec, data.sample_rate)
+        inner = slice(max(k, 0) + 2, x.shape[1] + min(k, 0) - 2)
+        for xi, oi in zip(x, oracle):
+            np.testing.assert_allclose(_shifted(xi, k)[inner], oi[inner], atol=1e-4)
+    out = shift_frames(x, 5, [7, 3]).numpy()
+    assert out.shape == x.shape
+    found = [[s for s in range(-5, 6) if np.array_equal(o, _shifted(xi, s))] for o, xi in zip(out, x)]
+    assert all(found), "each clip is shifted by a whole number of frames in [-5, 5]"
+    np.testing.assert_array_equal(shift_frames(x, 0, [7, 3]), x)
+
+
+def _shifted(x, k):
+    """Numpy reference: frames moved by k (later in time for k > 0), the clip's minimum shifted in."""
+    out = np.full_like(x, x.min())
+    if k >= 0:
+        out[k:] = x[:len(x) - k]
+    else:
+        out[:k] = x[-k:]
+    return out
+
+
+def test_frame_shift_dataset_is_seeded_and_covers_every_clip(clips):
+    data, waves, labels = clips
+    x = compute_features(waves, FeatureSpec(mel_bins=40, log=True), data.sample_rate)
+    ds, steps = frame_shift_dataset(x, labels, batch_size=4, seed=1, max_frames=3)
+    batches = list(ds.take(2 * steps).as_numpy_iterator())
+    again = list(frame_shift_dataset(x, labels, batch_size=4, seed=1, max_frames=3)[0].take(2 * steps)
+                 .as_numpy_iterator())
+    for b1, b2 in zip(batches, again):
+        np.testing.assert_array_equal(b1[0], b2[0])
+    first = np.concatenate([b[0] for b in batches[:steps]])
+    y = np.concatenate([b[1] for b in batches[:steps]])
+    assert sorted(y) == sorted(labels)
+    shifts = []
+    for xi, yi in zip(first, y):
+        match = [(c, s) for c in range(len(x)) for s in range(-3, 4)
+                 if labels[c] == yi and np.array_equal(xi, _shifted(x[c], s))]
+        assert match, "every batch row is one clip shifted by at most 3 frames"
+        shifts.append(match[0][1])
+    assert len(set(shifts)) > 1                                   # the shifts are random, not constant
+
+
+@pytest.mark.parametrize("ms,hop,frames", [(0, 20, 0), (100, 20, 5), (5, 20, 1), (50, 20, 2), (30, 20, 2)])
+def test_shift_in_frames(ms, hop, frames):
+    assert shift_in_frames(ms, hop) == frames

@@ -24,12 +24,13 @@ def test_study_preset_is_the_study():
     assert spec.data.root.endswith("shared/data/speech_commands_v2_test")
     assert (spec.features.frame_length, spec.features.frame_step, spec.features.fft_length) == (480, 320, 512)
     assert (spec.features.mel_bins, spec.features.log, spec.features.normalize) == (0, False, False)
+    assert spec.features.log_floor_db == 0
     assert spec.model.units == 80 and spec.model.layers == 1 and spec.model.dropout == 0
     assert not spec.trainer.augment
 
 
-def test_default_config_is_the_study_with_4_bit_ptq():
-    assert run_spec(composed()) == run_spec(composed("experiment=study"))
+def test_default_config_is_the_stronger_baseline_with_4_bit_ptq():
+    assert run_spec(composed()) == run_spec(composed("experiment=seed_task_best"))
     spec = run_spec(composed())
     assert spec.recipe.method == "ptq" and spec.recipe.bits == 4 and spec.seed == 0
     assert logger_spec(composed()).mode == "offline"
@@ -37,9 +38,10 @@ def test_default_config_is_the_study_with_4_bit_ptq():
 
 def test_seed_task_best_preset():
     spec = run_spec(composed("experiment=seed_task_best"))
-    assert spec.model.units == 80 and spec.model.dropout == 0.3
+    assert spec.model.units == 80 and spec.model.dropout == 0
     assert (spec.features.mel_bins, spec.features.log, spec.features.normalize) == (40, True, True)
-    assert spec.trainer.time_shift_ms == 100 and spec.trainer.augment
+    assert spec.features.log_floor_db == 50
+    assert spec.trainer.time_shift_ms == 100 and spec.trainer.augment and spec.trainer.noise_prob == 0
 
 
 def test_data_groups_compose():

@@ -37,6 +37,27 @@ def test_log_and_mel_options():
     assert compute_features(wave, FeatureSpec(mel_bins=40), 16000).shape == (2, 49, 40)
 
 
+@pytest.mark.parametrize("floor_db", [20, 50])
+def test_log_floor_is_relative_to_each_clips_peak(floor_db):
+    """Numpy oracle: log(max(x, peak_of_clip * 10^(-dB/20)) + offset); a silent tail and the empty
+    upper bands of 8 kHz audio upsampled to 16 kHz all sit exactly on the floor."""
+    from scipy.signal import resample_poly
+
+    rng = np.random.default_rng(0)
+    wave = np.zeros((2, 16000), np.float32)
+    wave[0, :8000] = resample_poly(rng.normal(size=4000), 2, 1)          # band-limited, then silence
+    wave[1] = 0.01 * rng.normal(size=16000)                              # quieter clip: its own floor
+    spec = FeatureSpec(log=True, log_floor_db=floor_db)
+    lin = compute_features(wave, FeatureSpec(), 16000).astype(np.float64)
+    floor = lin.max(axis=(1, 2), keepdims=True) * 10 ** (-floor_db / 20)
+    out = compute_features(wave, spec, 16000)
+    np.testing.assert_allclose(out, np.log(np.maximum(lin, floor) + 1e-6), rtol=1e-4, atol=1e-4)
+    assert np.allclose(out[0, 30:], np.log(floor[0, 0, 0] + 1e-6), atol=1e-4)  # the silent half: one level
+    assert out[1].min() < out[0].min()          # per clip: the quieter clip has the lower floor
+    np.testing.assert_array_equal(compute_features(wave, FeatureSpec(log=True, log_floor_db=0), 16000),
+                                  compute_features(wave, FeatureSpec(log=True), 16000))
+
+
 def test_normalization_stats_are_per_frequency():
     x = np.random.default_rng(1).normal(3.0, 2.0, size=(50, 49, 7)).astype(np.float32)
     mean, var = normalization_stats(x)
@@ -48,7 +69,7 @@ def test_normalization_stats_are_per_frequency():
 def test_features_are_cached(speech_commands_root, cache_dir, monkeypatch):
     data = DataSpec(root=str(speech_commands_root), limit_per_class=15)
     first = load_features(data, FeatureSpec(), cache_dir)
-    assert first.x["train"].shape[1:] == (49, 257)
+    assert first.x["train"].shape[1:] == (49, 257) and first.hop_ms == 20.0
 
     def no_recompute(*args, **kwargs):
         raise AssertionError("features were recomputed although they are cached")
@@ -58,12 +79,13 @@ def test_features_are_cached(speech_commands_root, cache_dir, monkeypatch):
     for s in SPLITS:
         np.testing.assert_array_equal(first.x[s], second.x[s])
         np.testing.assert_array_equal(first.y[s], second.y[s])
-    assert second.key == first.key
+    assert second.key == first.key and second.hop_ms == 20.0
     with pytest.raises(AssertionError, match="recomputed"):   # another front end is another cache entry
         load_features(data, FeatureSpec(log=True), cache_dir)
 
 
-@pytest.mark.parametrize("kwargs", [{"fft_length": 256}, {"mel_bins": -1}, {"frame_step": 0}])
+@pytest.mark.parametrize("kwargs", [{"fft_length": 256}, {"mel_bins": -1}, {"frame_step": 0}, {"log_floor_db": -3},
+                                    {"log_floor_db": "x"}])
 def test_bad_feature_spec(kwargs):
     with pytest.raises(ConfigError, match="features."):
         FeatureSpec(**kwargs)

@@ -118,6 +118,34 @@ def test_activation_and_state_quantization_equals_numpy_reference(granularity):
     np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
 
 
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_one_fake_quant_for_the_four_gates_equals_four(granularity):
+    """The time loop quantizes the concatenated gates in one op (`bind_concat`): same values and, for
+    learned step sizes, the same gradients for every gate's scale and offset as four separate ops."""
+    from qat.quantizers import bind_concat
+
+    x = _x(9)
+    spec = QuantSpec(4, granularity=granularity)
+    q = QLSTM.from_float(_float_lstm(x), {"gate": spec}, learned=True)
+    q(x)
+    rng = np.random.default_rng(9)
+    gates = [q.activation_quantizers[g] for g in GATES]
+    for aq in gates:
+        lo = -rng.uniform(0.1, 0.5, size=U if granularity == "per_channel" else ()).astype(np.float32)
+        aq.set_range(lo, rng.uniform(0.5, 1.0, size=lo.shape).astype(np.float32))
+    v = tf.constant(rng.uniform(-0.6, 1.1, size=(B, 4 * U)).astype(np.float32))
+    weights = [w for aq in gates for w in (aq.scale, aq.offset)]
+    with tf.GradientTape(persistent=True) as tape:
+        joint = bind_concat(gates, U)(v)
+        apart = tf.concat([aq.bind()(p) for aq, p in zip(gates, tf.split(v, 4, axis=1))], axis=1)
+        probe = tf.constant(rng.normal(size=(B, 4 * U)).astype(np.float32))
+        loss_joint, loss_apart = tf.reduce_sum(joint * probe), tf.reduce_sum(apart * probe)
+    np.testing.assert_array_equal(joint.numpy(), apart.numpy())
+    for a, b in zip(tape.gradient(loss_joint, weights), tape.gradient(loss_apart, weights)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    assert max(float(np.abs(g.numpy()).max()) for g in tape.gradient(loss_joint, weights)) > 0
+
+
 def test_calibration_values_cover_every_quantization_point():
     x = _x(6)
     q = _twin(_float_lstm(x), x, input=QuantSpec(8), gate=QuantSpec(8), state=QuantSpec(8))

@@ -45,6 +45,25 @@ def test_qat_levels_and_packed_export(float_model, tmp_path, method, bits, act, 
     assert s["qat/epochs"] == 2 and isinstance(s["qat/kept_start"], bool)
 
 
+def test_qat_with_per_unit_state_ranges_and_time_shift(float_model, tmp_path):
+    """W2/A4/S4 with one range per LSTM unit for the state (and per feature for the input), fine-tuned
+    on time-shifted frames: every unit has its own calibrated range and the packed model still
+    predicts what the fake-quant graph predicts."""
+    model, feats = float_model
+    trainer = TrainSpec(epochs=2, batch_size=32, patience=0, time_shift_ms=60)
+    spec = RecipeSpec(method="qat", bits=2, act_bits=4, state_bits=4,
+                      options={"epochs": 2, "calibration_size": 64, "act_granularity": "per_channel",
+                               "act_estimator": "percentile"})
+    result = run_recipe(spec, model, feats, trainer, 0, tmp_path, Tracker())
+    s = result.summary
+    assert s["quant/levels_ok"] and s["qat/packed_matches"] and s["qat/epochs"] == 2
+    lstm = result.model.get_layer("lstm")
+    c = lstm.activation_quantizers["state_c"]
+    assert c.hi.shape == (12,) and len(np.unique(c.hi.numpy())) > 1      # a range per unit, not one shared
+    assert lstm.activation_quantizers["input"].hi.shape == (feats.input_shape[-1],)
+    assert result.model.get_layer("dense").activation_quantizers["input"].hi.shape == ()   # per tensor
+
+
 def test_qat_moves_the_weights_and_lowers_bits_progressively(float_model, tmp_path):
     model, _ = float_model
     result = _run(float_model, tmp_path, "qat", 2, progressive_bits=[6, 4], freeze_ranges_after=1,
