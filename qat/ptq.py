@@ -11,9 +11,11 @@ retraining.
     kernel and recurrent kernel are rounded together, since both feed the same gate pre-activations.
   * `bias_correction`: the mean shift that rounding leaves in every pre-activation is removed from
     the bias.
+  * `search`: estimator (minmax / mse) and rounding (nearest / GPTQ) chosen per run by validation loss.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Dict, Iterator
 
@@ -25,7 +27,7 @@ from qat.quantize import calibrate, freeze_ranges, quantize_model, quantized_wei
 from qat.recipes import (QuantOptions, RecipeResult, RecipeSpec, check_options, float_weight, report_summary,
                          weight_report)
 
-PTQ_OPTIONS = ("bias_correction", "gptq", "gptq_damp")
+PTQ_OPTIONS = ("bias_correction", "gptq", "gptq_damp", "search")
 
 
 def calibration_clips(x_train: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -144,23 +146,53 @@ def gptq(float_model, qmodel, x_calib: np.ndarray, damp: float = 0.01) -> None:
             start += len(w)
 
 
+def validation_loss(model, feats) -> float:
+    """Mean cross-entropy of the model on the validation split (selection signal of `search`)."""
+    p = model.predict(feats.x["val"], batch_size=256, verbose=0)
+    picked = p[np.arange(len(p)), feats.y["val"]]
+    return float(-np.mean(np.log(np.maximum(picked, 1e-7))))
+
+
+def quantize_weights(model, opts: QuantOptions, spec: RecipeSpec, calib: np.ndarray, use_gptq: bool,
+                     damp: float, bias_correction: bool):
+    """The fake-quant twin with its weights rounded (nearest, or GPTQ) and optionally bias-corrected.
+    Returns (qmodel, bias-correction sizes)."""
+    qmodel = quantize_model(model, opts.quant_config(spec))
+    if use_gptq:
+        freeze_ranges(qmodel)
+        gptq(model, qmodel, calib, damp)
+    return qmodel, (bias_correct(model, qmodel, calib) if bias_correction else {})
+
+
 def run(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path, tracker, verbose: int = 0):
-    """`ptq` / `ptq_seed`: quantize, optionally bias-correct and calibrate, report, export packed."""
+    """`ptq` / `ptq_seed`: quantize, optionally bias-correct and calibrate, report, export packed.
+
+    With `search`, the weight range estimator (minmax / mse) and the rounding (nearest / GPTQ) are
+    chosen per run among their four combinations by the quantized model's validation loss: which
+    one wins depends on the bit-width and the model (GPTQ gains most at 2 bits, MSE clipping at 3-4)."""
     opts, rest = QuantOptions.pick(spec.options)
     bias_correction = bool(rest.pop("bias_correction", False))
     use_gptq = bool(rest.pop("gptq", False))
     damp = float(rest.pop("gptq_damp", 0.01))
+    search = bool(rest.pop("search", False))
     check_options(spec.method, rest, PTQ_OPTIONS)
-    qmodel = quantize_model(model, opts.quant_config(spec))
     calib = calibration_clips(feats.x["train"], opts.calibration_size, seed)
     summary: Dict[str, Any] = {"quant/calibration_clips": len(calib)}
     # The predicted drop (float model + validation clips only) sits next to the measured one.
     summary.update(predict_summary(model, feats, opts.quant_config(spec), seed))
-    if use_gptq:
-        freeze_ranges(qmodel)
-        gptq(model, qmodel, calib, damp)
-    if bias_correction:
-        summary.update({f"quant/bias_correction/{k}": v for k, v in bias_correct(model, qmodel, calib).items()})
+    candidates = [(e, g) for e in ("minmax", "mse") for g in (False, True)] if search else [(opts.estimator, use_gptq)]
+    best = None
+    for estimator, g in candidates:
+        qmodel, sizes = quantize_weights(model, dataclasses.replace(opts, estimator=estimator), spec, calib, g,
+                                         damp, bias_correction)
+        loss = validation_loss(qmodel, feats) if search else 0.0
+        if search:
+            summary[f"ptq/search/{estimator}{'+gptq' if g else ''}/val_loss"] = loss
+        if best is None or loss < best[0]:
+            best = (loss, qmodel, sizes, estimator, g)
+    _, qmodel, sizes, estimator, g = best
+    summary.update({"ptq/estimator": estimator, "ptq/gptq": g})
+    summary.update({f"quant/bias_correction/{k}": v for k, v in sizes.items()})
     if spec.act_bits is not None or spec.state_bits is not None:
         calibrate(qmodel, batches(calib))
     freeze_ranges(qmodel)          # the evaluated model is the deployable one (see export)

@@ -65,3 +65,24 @@ def test_bias_correction_restores_mean_pre_activation(trained):
     h_part = b_new - b + (flat.mean(0) @ (wq - w))
     after = np.abs((flat @ wq + b_new - h_part).mean(0) - (flat @ w + b).mean(0)).max()
     assert before > 0 and after < 1e-4 * max(before, 1e-3) + 1e-6
+
+
+def test_search_keeps_the_candidate_with_the_lowest_validation_loss(trained, tmp_path):
+    """`quant.search`: the four estimator x rounding candidates are all scored on validation loss,
+    the kept one has the lowest, and the exported model is that candidate (recomputed here alone)."""
+    from qat.ptq import quantize_weights, validation_loss
+    from qat.recipes import run_recipe
+
+    model, feats = trained
+    spec = RecipeSpec(method="ptq", bits=2, options={"granularity": "per_channel", "gptq": True,
+                                                     "bias_correction": True, "search": True,
+                                                     "calibration_size": 64})
+    s = run_recipe(spec, model, feats, None, 0, tmp_path, Tracker()).summary
+    losses = {k.split("/")[2]: v for k, v in s.items() if k.startswith("ptq/search/")}
+    assert set(losses) == {"minmax", "minmax+gptq", "mse", "mse+gptq"}
+    chosen = s["ptq/estimator"] + ("+gptq" if s["ptq/gptq"] else "")
+    assert losses[chosen] == min(losses.values())
+    alone, _ = quantize_weights(model, QuantOptions(granularity="per_channel", estimator=s["ptq/estimator"]), spec,
+                                calibration_clips(feats.x["train"], 64, 0), s["ptq/gptq"], 0.01, True)
+    assert validation_loss(alone, feats) == pytest.approx(losses[chosen], rel=1e-6)
+    assert s["quant/levels_ok"]
