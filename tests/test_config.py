@@ -44,6 +44,15 @@ def test_seed_task_best_preset():
     assert spec.trainer.time_shift_ms == 100 and spec.trainer.augment and spec.trainer.noise_prob == 0
 
 
+def test_qat_act_preset_is_qat_with_its_fine_tuning_settings():
+    spec = run_spec(composed("quant=qat_act", "act_bits=4", "state_bits=4", "bits=2"))
+    base = run_spec(composed("quant=qat", "act_bits=4", "state_bits=4", "bits=2"))
+    assert spec.recipe.method == "qat" and (spec.recipe.act_bits, spec.recipe.state_bits) == (4, 4)
+    assert spec.recipe.options["learning_rate"] == 0.001 and spec.recipe.options["epochs"] == 20
+    assert {k: v for k, v in spec.recipe.options.items() if k not in ("learning_rate", "epochs")} == \
+        {k: v for k, v in base.recipe.options.items() if k not in ("learning_rate", "epochs")}
+
+
 def test_data_groups_compose():
     assert run_spec(composed("data=kws12")).data.task == "kws12"
     fsdd = run_spec(composed("data=fsdd"))
