@@ -13,6 +13,9 @@ asymmetric: [qmin, qmax] = [0, 2^b - 1]; symmetric: zero_point = 0, scale = max(
 Every range is first widened to contain 0 (lo <= 0 <= hi), so zero is always exactly representable
 and the zero point always lies in [qmin, qmax]. Rounding is half-to-even (numpy and TF agree).
 All arithmetic is float32, in the same order in numpy and TF, so the two agree bit for bit.
+Exception, for speed inside the LSTM time loop: fixed-range activation quantizers run TensorFlow's
+fused fake-quant kernel (`fused_fake_quant`), same grid, ties rounded up; weights, whose codes are
+exported, always use `fake_quant`.
 """
 from __future__ import annotations
 
