@@ -21,6 +21,8 @@ from typing import Any, Dict, Iterator
 
 import numpy as np
 
+from qat import ConfigError
+
 from qat.export import write_packed_model
 from qat.predict import predict_summary
 from qat.quantize import calibrate, freeze_ranges, quantize_model, quantized_weights
@@ -176,6 +178,10 @@ def run(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path, track
     damp = float(rest.pop("gptq_damp", 0.01))
     search = bool(rest.pop("search", False))
     check_options(spec.method, rest, PTQ_OPTIONS)
+    for name in ("bias_correction", "gptq", "search"):
+        value = spec.options.get(name, False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"quant.{name}={value!r} is not allowed: expected true or false")
     calib = calibration_clips(feats.x["train"], opts.calibration_size, seed)
     summary: Dict[str, Any] = {"quant/calibration_clips": len(calib)}
     # The predicted drop (float model + validation clips only) sits next to the measured one.

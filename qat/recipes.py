@@ -41,6 +41,7 @@ class RecipeSpec:
         check_bits("bits", self.bits)
         check_bits("act_bits", self.act_bits, optional=True)
         check_bits("state_bits", self.state_bits, optional=True)
+        QuantOptions.pick(self.options)    # shared quantization options: checked before any training
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,26 @@ class QuantOptions:
     act_granularity: str = "per_tensor" # activations and state: per_tensor | per_channel (per feature / unit)
     act_estimator: str = "minmax"
     calibration_size: int = 512         # training clips used to calibrate activation / state ranges
+
+    def __post_init__(self):
+        from qat.quantizers import ESTIMATORS, GRANULARITIES, SCHEMES
+
+        for name, allowed in (("scheme", SCHEMES), ("granularity", GRANULARITIES), ("estimator", ESTIMATORS),
+                              ("act_scheme", SCHEMES), ("act_granularity", GRANULARITIES),
+                              ("act_estimator", ESTIMATORS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"quant.{name}={getattr(self, name)!r} is not allowed: expected one of "
+                                  f"{', '.join(allowed)}")
+        for name in ("narrow_range", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"quant.{name}={getattr(self, name)!r} is not allowed: expected true or false")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 50 < self.percentile <= 100:
+            raise ConfigError(f"quant.percentile={self.percentile!r} is not allowed: expected a number in (50, 100]")
+        if isinstance(self.calibration_size, bool) or not isinstance(self.calibration_size, int) \
+                or self.calibration_size < 1:
+            raise ConfigError(f"quant.calibration_size={self.calibration_size!r} is not allowed: expected a "
+                              "positive integer")
 
     @classmethod
     def pick(cls, options: Dict[str, Any]):

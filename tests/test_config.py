@@ -1,5 +1,6 @@
 """Real Hydra composition of the shipped configs, turned into specs."""
 import os
+import re
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -76,4 +77,18 @@ def test_bad_values_give_one_line_errors(override, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         cfg = composed(override)
         run_spec(cfg), logger_spec(cfg)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("quant.act_granularity=foo", "quant.act_granularity='foo' is not allowed: expected one of per_tensor, per_channel"),
+    ("quant.estimator=max", "quant.estimator='max' is not allowed"),
+    ("quant.percentile=120", "quant.percentile=120 is not allowed"),
+    ("quant.calibration_size=0", "quant.calibration_size=0 is not allowed"),
+    ("quant.bias=maybe", "quant.bias='maybe' is not allowed: expected true or false")])
+def test_bad_quant_options_fail_before_any_training(override, needle):
+    """Shared quantization options are checked when the config is read, with a one-line error naming
+    the key, not after the float model has been trained."""
+    with pytest.raises(ConfigError, match=re.escape(needle)) as e:
+        run_spec(composed(override))
     assert "\n" not in str(e.value)

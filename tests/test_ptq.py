@@ -86,3 +86,14 @@ def test_search_keeps_the_candidate_with_the_lowest_validation_loss(trained, tmp
                                 calibration_clips(feats.x["train"], 64, 0), s["ptq/gptq"], 0.01, True)
     assert validation_loss(alone, feats) == pytest.approx(losses[chosen], rel=1e-6)
     assert s["quant/levels_ok"]
+
+
+@pytest.mark.parametrize("name", ["search", "gptq", "bias_correction"])
+def test_ptq_switches_must_be_booleans(trained, tmp_path, name):
+    from qat import ConfigError
+    from qat.recipes import run_recipe
+
+    model, feats = trained
+    with pytest.raises(ConfigError, match=f"quant.{name}='maybe' is not allowed: expected true or false"):
+        run_recipe(RecipeSpec(method="ptq", bits=4, options={name: "maybe"}), model, feats, None, 0, tmp_path,
+                   Tracker())
