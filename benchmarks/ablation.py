@@ -39,7 +39,7 @@ GRID = [
     ("seed:study", "study recipe (STFT magnitude 49x257, Adam, early stopping)", [STUDY]),
     ("seed:+log", "+ log compression", [STUDY, "features=log_stft"]),
     ("seed:+log+norm", "+ log + per-bin normalisation", [STUDY, "features=log_stft_norm"]),
-    ("seed:+logmel+norm", "+ log-mel 40 + normalisation", [STUDY, "features=log_mel"]),
+    ("seed:+logmel+norm", "+ log-mel 40 (50 dB floor) + normalisation", [STUDY, "features=log_mel"]),
     ("seed:+dropout", "+ dropout 0.3", [STUDY, "model.dropout=0.3"]),
     ("seed:+recdropout", "+ recurrent dropout 0.2", [STUDY, "model.recurrent_dropout=0.2"]),
     ("seed:+shift", "+ time shift ±100 ms", [STUDY, "++trainer.time_shift_ms=100"]),
