@@ -173,15 +173,13 @@ def run(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path, track
     chosen per run among their four combinations by the quantized model's validation loss: which
     one wins depends on the bit-width and the model (GPTQ gains most at 2 bits, MSE clipping at 3-4)."""
     opts, rest = QuantOptions.pick(spec.options)
-    bias_correction = bool(rest.pop("bias_correction", False))
-    use_gptq = bool(rest.pop("gptq", False))
+    switches = {name: rest.pop(name, False) for name in ("bias_correction", "gptq", "search")}
     damp = float(rest.pop("gptq_damp", 0.01))
-    search = bool(rest.pop("search", False))
     check_options(spec.method, rest, PTQ_OPTIONS)
-    for name in ("bias_correction", "gptq", "search"):
-        value = spec.options.get(name, False)
+    for name, value in switches.items():
         if not isinstance(value, bool):
             raise ConfigError(f"quant.{name}={value!r} is not allowed: expected true or false")
+    bias_correction, use_gptq, search = switches["bias_correction"], switches["gptq"], switches["search"]
     calib = calibration_clips(feats.x["train"], opts.calibration_size, seed)
     summary: Dict[str, Any] = {"quant/calibration_clips": len(calib)}
     # The predicted drop (float model + validation clips only) sits next to the measured one.
