@@ -1,7 +1,8 @@
 """QAT epoch time against float epoch time, measured in one process, rounds interleaved (float, then
 each QAT model), median ratio reported; machines here are shared and noisy. The models are those of
-`train.py` with the given overrides (default: the default config, i.e. log-mel 40 + LSTM(80) with
-dropout), the QAT models use `quant=qat`'s options; epochs run on the cached training features.
+`train.py` with the given overrides (default: the default config, i.e. log-mel 40 + LSTM(80)), the QAT
+models use `quant=qat`'s options, distillation from the float model included (as `fit` runs it, plus
+rows without it); epochs run on the cached training features.
 
     python benchmarks/qat_epoch_time.py [--rounds 5] [overrides, e.g. data=fsdd experiment=study]
 """
@@ -21,11 +22,16 @@ import tf_keras as keras  # noqa: E402
 
 from qat.features import load_features, normalization_stats  # noqa: E402
 from qat.models import build_model  # noqa: E402
+from qat.distill import Distiller  # noqa: E402
+from qat.qat import options  # noqa: E402
 from qat.quantize import calibrate, quantize_model  # noqa: E402
 from qat.recipes import QuantOptions, RecipeSpec  # noqa: E402
 
-VARIANTS = [("qat w4", "qat", 4, None, None), ("qat w2", "qat", 2, None, None),
-            ("qat w2 a4 s4", "qat", 2, 4, 4), ("qat_lsq w2 a4 s4", "qat_lsq", 2, 4, 4)]
+# (label, method, bits, act_bits, state_bits, distillation as the recipe's options say / off)
+VARIANTS = [("qat w4", "qat", 4, None, None, True), ("qat w2", "qat", 2, None, None, True),
+            ("qat w2, no distillation", "qat", 2, None, None, False),
+            ("qat w2 a4 s4", "qat", 2, 4, 4, True), ("qat w2 a4 s4, no distillation", "qat", 2, 4, 4, False),
+            ("qat_lsq w2 a4 s4", "qat_lsq", 2, 4, 4, True)]
 
 
 def composed_spec(overrides):
@@ -52,11 +58,14 @@ def main():
     float_model = build_model(feats.input_shape, len(feats.class_names), spec.model, mean, var)
     models = {"float": float_model}
     opts, _ = QuantOptions.pick(spec.recipe.options)
-    for label, method, bits, act, state in VARIANTS:
+    distill = options(spec.recipe)[-1]
+    for label, method, bits, act, state, distilled in VARIANTS:
         recipe = RecipeSpec(method=method, bits=bits, act_bits=act, state_bits=state)
         q = quantize_model(float_model, opts.quant_config(recipe, learned=method == "qat_lsq"))
         if act:
             calibrate(q, [x[:256]])
+        if distilled and distill.alpha > 0:     # what fit() trains with quant.distill > 0
+            q = Distiller(q, float_model, distill.alpha, distill.temperature)
         models[label] = q
     batch = spec.trainer.batch_size
     for m in models.values():
@@ -71,6 +80,7 @@ def main():
     base = statistics.median(seconds["float"])
     print(f"{spec.data.name} ({' '.join(args.overrides) or 'default config'}): input {feats.input_shape}, "
           f"{len(x)} training clips, batch {batch}, act/state {opts.act_granularity} {opts.act_estimator}, "
+          f"distillation weight {distill.alpha}, "
           f"{args.rounds} interleaved rounds (median)")
     print("| model | s / epoch | ratio to float |\n|---|---|---|")
     for label, s in seconds.items():

@@ -108,14 +108,14 @@ class QLSTM(keras.layers.Layer):
 
     # ------------------------------------------------------------------ forward pass
 
-    def _quant(self, name):
+    def _quant(self, name, gated: bool = True):
         q = self.activation_quantizers.get(name)
-        return (lambda x: x) if q is None else q.bind()
+        return (lambda x: x) if q is None else q.bind(gated)
 
-    def _gates_quant(self):
+    def _gates_quant(self, gated: bool = True):
         """One fake-quant for the four concatenated gates (each with its own range), or None."""
         qs = [self.activation_quantizers.get(g) for g in GATES]
-        return None if qs[0] is None else bind_concat(qs, self.units)
+        return None if qs[0] is None else bind_concat(qs, self.units, gated)
 
     def _run(self, inputs, training=None, record=False):
         """Returns (h sequence time-major, dict of recorded pre-quantization values if record)."""
@@ -139,23 +139,35 @@ class QLSTM(keras.layers.Layer):
         rec_mask = None
         if training and self.recurrent_dropout > 0:
             rec_mask = tf.nn.dropout(tf.ones_like(zeros), rate=self.recurrent_dropout)
-        gq = self._gates_quant()
-        cq, hq = self._quant("state_c"), self._quant("state_h")
         act, rec_act = self.activation, self.recurrent_activation
-
-        def step(carry, xz_t):
-            h, c = carry[0], carry[1]
-            z = xz_t + tf.matmul(h if rec_mask is None else h * rec_mask, rec_kernel)
-            zi, zf, zc, zo = tf.split(z, 4, axis=1)
-            gates = (rec_act(zi), rec_act(zf), act(zc), rec_act(zo))
-            i, f, g, o = gates if gq is None else tf.split(gq(tf.concat(gates, axis=1)), 4, axis=1)
-            c_raw = f * c + i * g
-            c_new = cq(c_raw)
-            h_raw = o * act(c_new)
-            return (hq(h_raw), c_new) + ((c_raw, h_raw) + gates if record else ())
-
         init = (zeros, zeros) + ((zeros,) * 6 if record else ())
-        out = tf.scan(step, xz, initializer=init)
+
+        def scan(gated: bool):
+            gq = self._gates_quant(gated)
+            cq, hq = self._quant("state_c", gated), self._quant("state_h", gated)
+
+            def step(carry, xz_t):
+                h, c = carry[0], carry[1]
+                z = xz_t + tf.matmul(h if rec_mask is None else h * rec_mask, rec_kernel)
+                zi, zf, zc, zo = tf.split(z, 4, axis=1)
+                gates = (rec_act(zi), rec_act(zf), act(zc), rec_act(zo))
+                i, f, g, o = gates if gq is None else tf.split(gq(tf.concat(gates, axis=1)), 4, axis=1)
+                c_raw = f * c + i * g
+                c_new = cq(c_raw)
+                h_raw = o * act(c_new)
+                return (hq(h_raw), c_new) + ((c_raw, h_raw) + gates if record else ())
+
+            return tf.scan(step, xz, initializer=init)
+
+        # Quantizers pass values through until calibrated, which costs a select per quantizer and time
+        # step; once every quantizer in the loop is calibrated (training, evaluation) a loop without
+        # the selects runs instead, with the same results.
+        in_loop = [q for name, q in self.activation_quantizers.items() if name != "input"]
+        if in_loop:
+            calibrated = tf.reduce_all(tf.stack([q.calibrated > 0 for q in in_loop]))
+            out = tf.cond(calibrated, lambda: scan(False), lambda: scan(True))
+        else:
+            out = scan(True)
         if record:
             recorded.update(dict(zip(STATES + GATES, out[2:])))
         return out[0], recorded

@@ -12,6 +12,8 @@ retraining.
   * `bias_correction`: the mean shift that rounding leaves in every pre-activation is removed from
     the bias.
   * `search`: estimator (minmax / mse) and rounding (nearest / GPTQ) chosen per run by validation loss.
+  * `refine_epochs`: then each weight's rounding (down or up) is refined so that the model's outputs
+    on the calibration clips match the float model's (`refine_rounding`, AdaRound's search space).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from qat.quantize import calibrate, freeze_ranges, quantize_model, quantized_wei
 from qat.recipes import (QuantOptions, RecipeResult, RecipeSpec, check_options, float_weight, report_summary,
                          weight_report)
 
-PTQ_OPTIONS = ("bias_correction", "gptq", "gptq_damp", "search")
+PTQ_OPTIONS = ("bias_correction", "gptq", "gptq_damp", "search", "refine_epochs", "refine_learning_rate")
 
 
 def calibration_clips(x_train: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -148,6 +150,52 @@ def gptq(float_model, qmodel, x_calib: np.ndarray, damp: float = 0.01) -> None:
             start += len(w)
 
 
+def refine_rounding(float_model, qmodel, x_calib: np.ndarray, epochs: int, learning_rate: float,
+                    seed: int, batch_size: int = 64) -> Dict[str, float]:
+    """Choose, for every quantized weight, between the grid point below and the one above its float
+    value so that the quantized model's outputs on calibration clips match the float model's: AdaRound's
+    search space (Nagel et al. 2020), searched end to end by straight-through gradients of the KL to the
+    float model's outputs (as in QAT, qat.distill) with each shadow weight kept inside the two grid
+    cells around its float value. Label-free; ranges stay frozen. Returns the share of weights whose
+    code changed and the calibration KL before / after."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from qat.distill import Distiller, soft_cross_entropy
+    from qat.quantize import QUANTIZED_LAYERS
+    from qat.training import set_seed
+
+    freeze_ranges(qmodel)
+    before = quantized_weights(qmodel)
+    boxes = []
+    for layer in [l for l in qmodel.layers if isinstance(l, QUANTIZED_LAYERS)]:
+        for name, q in layer.weight_quantizers.items():
+            var = getattr(layer, name)
+            scale, zp = (t.numpy() for t in q.scale_zero_point(var))
+            floor = np.floor(var.numpy() / scale + zp)
+            margin = 1e-3      # stay strictly inside, so a shadow weight never sits on a rounding tie
+            boxes.append((var, scale * (floor - zp - 0.5 + margin), scale * (floor + 1 - zp + 0.5 - margin)))
+
+    class KeepInBoxes(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            for var, lo, hi in boxes:
+                var.assign(tf.clip_by_value(var, lo, hi))
+
+    teacher = float_model.predict(x_calib, batch_size=256, verbose=0)
+    kl = lambda: float(soft_cross_entropy(tf.constant(teacher), qmodel.predict(x_calib, batch_size=256, verbose=0),
+                                          1.0))
+    start = kl()
+    set_seed(seed)
+    trainee = Distiller(qmodel, float_model, alpha=1.0)
+    trainee.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy")
+    trainee.fit(x_calib, teacher.argmax(-1), batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
+                callbacks=[KeepInBoxes()])
+    after = quantized_weights(qmodel)
+    changed = sum(int(np.sum(after[k].codes != before[k].codes)) for k in before)
+    total = sum(v.codes.size for v in before.values())
+    return {"changed": changed / total, "kl_before": start, "kl_after": kl()}
+
+
 def validation_loss(model, feats) -> float:
     """Mean cross-entropy of the model on the validation split (selection signal of `search`)."""
     p = model.predict(feats.x["val"], batch_size=256, verbose=0)
@@ -166,29 +214,56 @@ def quantize_weights(model, opts: QuantOptions, spec: RecipeSpec, calib: np.ndar
     return qmodel, (bias_correct(model, qmodel, calib) if bias_correction else {})
 
 
+def options(spec: RecipeSpec):
+    """(QuantOptions, PtqSteps) from a `ptq` / `ptq_seed` spec, checked (one-line ConfigError naming
+    the key)."""
+    opts, rest = QuantOptions.pick(spec.options)
+    switches = {name: rest.pop(name, False) for name in ("bias_correction", "gptq", "search")}
+    numbers = {"gptq_damp": rest.pop("gptq_damp", 0.01), "refine_learning_rate": rest.pop("refine_learning_rate", 1e-4)}
+    refine_epochs = rest.pop("refine_epochs", 0)
+    check_options(spec.method, rest, PTQ_OPTIONS)
+    for name, value in switches.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"quant.{name}={value!r} is not allowed: expected true or false")
+    for name, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"quant.{name}={value!r} is not allowed: expected a number > 0")
+    if isinstance(refine_epochs, bool) or not isinstance(refine_epochs, int) or refine_epochs < 0:
+        raise ConfigError(f"quant.refine_epochs={refine_epochs!r} is not allowed: expected an integer >= 0 "
+                          "(0 = no rounding refinement)")
+    return opts, PtqSteps(switches["bias_correction"], switches["gptq"], switches["search"],
+                          float(numbers["gptq_damp"]), refine_epochs, float(numbers["refine_learning_rate"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class PtqSteps:
+    """The data-aware steps of `ptq` (see the module doc)."""
+
+    bias_correction: bool = False
+    gptq: bool = False
+    search: bool = False
+    gptq_damp: float = 0.01
+    refine_epochs: int = 0
+    refine_learning_rate: float = 1e-4
+
+
 def run(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path, tracker, verbose: int = 0):
     """`ptq` / `ptq_seed`: quantize, optionally bias-correct and calibrate, report, export packed.
 
     With `search`, the weight range estimator (minmax / mse) and the rounding (nearest / GPTQ) are
     chosen per run among their four combinations by the quantized model's validation loss: which
     one wins depends on the bit-width and the model (GPTQ gains most at 2 bits, MSE clipping at 3-4)."""
-    opts, rest = QuantOptions.pick(spec.options)
-    switches = {name: rest.pop(name, False) for name in ("bias_correction", "gptq", "search")}
-    damp = float(rest.pop("gptq_damp", 0.01))
-    check_options(spec.method, rest, PTQ_OPTIONS)
-    for name, value in switches.items():
-        if not isinstance(value, bool):
-            raise ConfigError(f"quant.{name}={value!r} is not allowed: expected true or false")
-    bias_correction, use_gptq, search = switches["bias_correction"], switches["gptq"], switches["search"]
+    opts, steps = options(spec)
+    search = steps.search
     calib = calibration_clips(feats.x["train"], opts.calibration_size, seed)
     summary: Dict[str, Any] = {"quant/calibration_clips": len(calib)}
     # The predicted drop (float model + validation clips only) sits next to the measured one.
     summary.update(predict_summary(model, feats, opts.quant_config(spec), seed))
-    candidates = [(e, g) for e in ("minmax", "mse") for g in (False, True)] if search else [(opts.estimator, use_gptq)]
+    candidates = [(e, g) for e in ("minmax", "mse") for g in (False, True)] if search else [(opts.estimator, steps.gptq)]
     best = None
     for estimator, g in candidates:
         qmodel, sizes = quantize_weights(model, dataclasses.replace(opts, estimator=estimator), spec, calib, g,
-                                         damp, bias_correction)
+                                         steps.gptq_damp, steps.bias_correction)
         loss = validation_loss(qmodel, feats) if search else 0.0
         if search:
             summary[f"ptq/search/{estimator}{'+gptq' if g else ''}/val_loss"] = loss
@@ -197,6 +272,9 @@ def run(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path, track
     _, qmodel, sizes, estimator, g = best
     summary.update({"ptq/estimator": estimator, "ptq/gptq": g})
     summary.update({f"quant/bias_correction/{k}": v for k, v in sizes.items()})
+    if steps.refine_epochs:
+        refined = refine_rounding(model, qmodel, calib, steps.refine_epochs, steps.refine_learning_rate, seed)
+        summary.update({f"ptq/refine/{k}": v for k, v in refined.items()})
     if spec.act_bits is not None or spec.state_bits is not None:
         calibrate(qmodel, batches(calib))
     freeze_ranges(qmodel)          # the evaluated model is the deployable one (see export)
@@ -211,16 +289,27 @@ def run(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path, track
 TFLITE_OPTIONS = ("int8_io", "representative_size", "latency_clips")
 
 
+def tflite_options(spec: RecipeSpec):
+    """(int8_io, representative_size, latency_clips) from a `tflite_*` spec, checked."""
+    rest = dict(spec.options)
+    int8_io = rest.pop("int8_io", False)
+    sizes = {name: rest.pop(name, default) for name, default in (("representative_size", 200),
+                                                                 ("latency_clips", 100))}
+    check_options(spec.method, rest, TFLITE_OPTIONS)
+    if not isinstance(int8_io, bool):
+        raise ConfigError(f"quant.int8_io={int8_io!r} is not allowed: expected true or false")
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"quant.{name}={value!r} is not allowed: expected a positive integer")
+    return int8_io, sizes["representative_size"], sizes["latency_clips"]
+
+
 def run_tflite(spec: RecipeSpec, model, feats, trainer, seed: int, run_dir: Path, tracker, verbose: int = 0):
     """`tflite_dynamic` / `tflite_float16` / `tflite_int8`: TFLite's own post-training modes, evaluated
     through tf.lite.Interpreter. `bits` in the summary is what the mode stores weights in."""
     from qat.export import tflite_model
 
-    options = dict(spec.options)
-    int8_io = bool(options.pop("int8_io", False))
-    n_rep = int(options.pop("representative_size", 200))
-    n_lat = int(options.pop("latency_clips", 100))
-    check_options(spec.method, options, TFLITE_OPTIONS)
+    int8_io, n_rep, n_lat = tflite_options(spec)
     mode = spec.method.removeprefix("tflite_")
     tflite, info = tflite_model(model, mode, calibration_clips(feats.x["train"], n_rep, seed), int8_io)
     path = Path(run_dir) / f"model_{mode}.tflite"

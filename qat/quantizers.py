@@ -431,9 +431,11 @@ class ActivationQuantizer:
         scale, zp = qparams_tf(tf.convert_to_tensor(self.lo), tf.convert_to_tensor(self.hi), self.spec)
         return on, scale, zp
 
-    def bind(self):
-        """Return x -> fake_quant(x) with the range read once (call outside a time loop, use inside)."""
-        return _bound(self, *self.params())
+    def bind(self, gated: bool = True):
+        """Return x -> fake_quant(x) with the range read once (call outside a time loop, use inside).
+        `gated=False` leaves out the pass-through of an uncalibrated quantizer: only for callers that
+        have checked `calibrated` themselves (it saves a select per call inside the time loop)."""
+        return _bound(self, *self.params(), gated=gated)
 
     def __call__(self, x):
         return self.bind()(x)
@@ -461,14 +463,14 @@ class ActivationQuantizer:
         self.calibrated.assign(1.0)
 
 
-def _bound(q: ActivationQuantizer, on, scale, zp):
+def _bound(q: ActivationQuantizer, on, scale, zp, gated: bool = True):
     """x -> fake_quant(x) with `q`'s spec and kind (LSQ or fixed) and these parameters; x passes
-    through unchanged where `on` is False."""
+    through unchanged where `on` is False (`gated=False`: the caller knows `on` is all True)."""
     if q.learned:
         quant = lambda x: lsq_fake_quant(x, scale, zp, q.spec.qmin, q.spec.qmax, q._grad_scale)
     else:
         quant = fused_fake_quant(scale, zp, q.spec)
-    return lambda x: tf.where(on, quant(x), x)
+    return (lambda x: tf.where(on, quant(x), x)) if gated else quant
 
 
 def fused_fake_quant(scale, zero_point, spec: QuantSpec):
@@ -488,14 +490,15 @@ def fused_fake_quant(scale, zero_point, spec: QuantSpec):
                                                                               narrow_range=narrow)
 
 
-def bind_concat(quantizers, channels: int):
+def bind_concat(quantizers, channels: int, gated: bool = True):
     """x -> fake_quant(x) for x the concatenation along the last axis of `channels`-wide pieces, the
     i-th piece quantized exactly as `quantizers[i]` would quantize it alone: one op per time step
-    instead of one per piece (the LSTM's four gates). The quantizers must share one spec and kind."""
+    instead of one per piece (the LSTM's four gates). The quantizers must share one spec and kind.
+    `gated` as in `ActivationQuantizer.bind`."""
     first = quantizers[0]
     if any(q.spec != first.spec or q.learned != first.learned for q in quantizers):
         raise ValueError("bind_concat needs quantizers of one spec and kind")
     widen = lambda t: tf.broadcast_to(t, [channels])
     parts = [q.params() for q in quantizers]
     on, scale, zp = (tf.concat([widen(p[i]) for p in parts], 0) for i in range(3))
-    return _bound(first, on, scale, zp)
+    return _bound(first, on, scale, zp, gated=gated)

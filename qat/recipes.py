@@ -41,7 +41,7 @@ class RecipeSpec:
         check_bits("bits", self.bits)
         check_bits("act_bits", self.act_bits, optional=True)
         check_bits("state_bits", self.state_bits, optional=True)
-        QuantOptions.pick(self.options)    # shared quantization options: checked before any training
+        check_recipe_options(self)         # checked when the config is read, before any training
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,20 @@ class QuantOptions:
             if b is not None else None
         return QuantConfig(weights=weights, bias=bias, inputs=act(spec.act_bits), gates=act(spec.act_bits),
                            state=act(spec.state_bits), learned=learned)
+
+
+def check_recipe_options(spec: "RecipeSpec") -> None:
+    """Check the shared quantization options and the recipe's own options of `spec` (ConfigError)."""
+    QuantOptions.pick(spec.options)
+    if spec.method in ("ptq", "ptq_seed"):
+        from qat.ptq import options
+    elif spec.method.startswith("tflite_"):
+        from qat.ptq import tflite_options as options
+    elif spec.method.startswith("qat"):
+        from qat.qat import options
+    else:
+        return
+    options(spec)
 
 
 def check_options(method: str, rest: Dict[str, Any], allowed: List[str]) -> None:

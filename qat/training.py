@@ -107,7 +107,8 @@ class EpochTimer(keras.callbacks.Callback):
 def fit(model, x_train, y_train, x_val, y_val, spec: TrainSpec, *, epochs: Optional[int] = None,
         learning_rate: Optional[float] = None, callbacks=(), verbose: int = 0,
         on_epoch: Optional[Callable[[int, dict], None]] = None, train_data=None,
-        steps_per_epoch: Optional[int] = None) -> dict:
+        steps_per_epoch: Optional[int] = None, teacher=None, distill: float = 0.0,
+        temperature: float = 1.0) -> dict:
     """Compile with Adam and train with early stopping on val_accuracy (best weights restored).
 
     Returns {"history": {metric: [per epoch]}, "epochs": run, "best_epoch": int, "sec_per_epoch": float}.
@@ -115,6 +116,7 @@ def fit(model, x_train, y_train, x_val, y_val, spec: TrainSpec, *, epochs: Optio
     `train_data`: a tf.data dataset of (features, labels) batches to train on instead of
     (x_train, y_train), e.g. the augmented pipeline of `qat.augment.training_data`, with its
     `steps_per_epoch`; `y_train` still gives the class weights (x_train may then be None).
+    `teacher` with `distill` > 0: knowledge distillation from the teacher's outputs (qat.distill).
     """
     epochs = int(epochs or spec.epochs)
     lr = float(learning_rate or spec.learning_rate)
@@ -124,6 +126,11 @@ def fit(model, x_train, y_train, x_val, y_val, spec: TrainSpec, *, epochs: Optio
     if spec.lr_schedule == "cosine":
         steps = epochs * steps_per_epoch
         lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(steps, 1))
+    weights = class_weights(y_train, model.output_shape[-1]) if spec.class_weight == "balanced" else None
+    if teacher is not None and distill > 0:
+        from qat.distill import Distiller
+
+        model = Distiller(model, teacher, distill, temperature)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     timer = EpochTimer()
@@ -133,7 +140,6 @@ def fit(model, x_train, y_train, x_val, y_val, spec: TrainSpec, *, epochs: Optio
                                                  restore_best_weights=True))
     if on_epoch is not None:
         cbs.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: on_epoch(e, dict(logs or {}))))
-    weights = class_weights(y_train, model.output_shape[-1]) if spec.class_weight == "balanced" else None
     if train_data is not None:
         hist = model.fit(train_data, steps_per_epoch=steps_per_epoch, validation_data=(x_val, y_val),
                          validation_batch_size=spec.batch_size, epochs=epochs, class_weight=weights,

@@ -85,10 +85,16 @@ def test_bad_values_give_one_line_errors(override, needle):
     ("quant.estimator=max", "quant.estimator='max' is not allowed"),
     ("quant.percentile=120", "quant.percentile=120 is not allowed"),
     ("quant.calibration_size=0", "quant.calibration_size=0 is not allowed"),
-    ("quant.bias=maybe", "quant.bias='maybe' is not allowed: expected true or false")])
+    ("quant.bias=maybe", "quant.bias='maybe' is not allowed: expected true or false"),
+    ("quant.search=maybe", "quant.search='maybe' is not allowed: expected true or false"),
+    ("quant=qat quant.distill=2", "quant.distill=2 is not allowed: expected a weight in [0, 1]"),
+    ("quant=qat quant.epochs=0", "quant.epochs=0 is not allowed"),
+    ("quant=qat_act quant.learning_rate=-1", "quant.learning_rate=-1 is not allowed"),
+    ("quant=tflite_int8 quant.int8_io=2", "quant.int8_io=2 is not allowed: expected true or false"),
+    ("quant=tflite_int8 +quant.colour=red", "quant.colour is not an option of quant.method=tflite_int8")])
 def test_bad_quant_options_fail_before_any_training(override, needle):
-    """Shared quantization options are checked when the config is read, with a one-line error naming
-    the key, not after the float model has been trained."""
+    """Shared and recipe-specific quantization options are checked when the config is read, with a
+    one-line error naming the key, not after the float model has been trained."""
     with pytest.raises(ConfigError, match=re.escape(needle)) as e:
-        run_spec(composed(override))
+        run_spec(composed(*override.split()))
     assert "\n" not in str(e.value)

@@ -116,6 +116,13 @@ def test_activation_and_state_quantization_equals_numpy_reference(granularity):
     scale, zp = qparams(*ranges["state_h"], spec)
     codes = out / scale + zp
     np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+    # one quantizer back to pass-through (the layer then runs its loop with per-quantizer selects)
+    q.activation_quantizers["state_h"].reset()
+    ref = _numpy_quant_lstm(x, lstm.cell.kernel.numpy(), lstm.cell.recurrent_kernel.numpy(),
+                            lstm.cell.bias.numpy(), lambda name, v: v if name == "state_h" else fq(name, v))
+    out = q(x).numpy()
+    assert np.mean(np.abs(out - ref) > 1e-5) < 0.01
+    assert np.mean(np.abs(out / scale + zp - np.round(out / scale + zp)) > 1e-3) > 0.5   # h is off the grid
 
 
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])

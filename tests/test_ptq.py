@@ -97,3 +97,26 @@ def test_ptq_switches_must_be_booleans(trained, tmp_path, name):
     with pytest.raises(ConfigError, match=f"quant.{name}='maybe' is not allowed: expected true or false"):
         run_recipe(RecipeSpec(method="ptq", bits=4, options={name: "maybe"}), model, feats, None, 0, tmp_path,
                    Tracker())
+
+
+def test_rounding_refinement_only_moves_codes_to_the_other_neighbour_and_lowers_the_kl(trained):
+    """`refine_rounding` (AdaRound's search space): every weight ends on the grid point just below or
+    just above its float value, some codes change, and the calibration KL to the float model falls."""
+    from qat.ptq import refine_rounding
+    from qat.quantize import freeze_ranges
+
+    model, feats = trained
+    spec = RecipeSpec(method="ptq", bits=3)
+    qmodel = quantize_model(model, QuantOptions(granularity="per_channel").quant_config(spec))
+    freeze_ranges(qmodel)
+    start = quantized_weights(qmodel)
+    info = refine_rounding(model, qmodel, calibration_clips(feats.x["train"], 128, 0), epochs=8,
+                           learning_rate=1e-3, seed=0)
+    after = quantized_weights(qmodel)
+    assert 0 < info["changed"] < 0.5 and info["kl_after"] < info["kl_before"]
+    for name, q in after.items():
+        v = float_weight(model, name) / start[name].scale + start[name].zero_point   # float value in code units
+        np.testing.assert_array_equal(q.scale, start[name].scale)                     # the grid is untouched
+        low = np.clip(np.floor(v), q.spec.qmin, q.spec.qmax)
+        high = np.clip(np.floor(v) + 1, q.spec.qmin, q.spec.qmax)
+        assert np.all((q.codes == low) | (q.codes == high)), name
