@@ -156,8 +156,10 @@ def refine_rounding(float_model, qmodel, x_calib: np.ndarray, epochs: int, learn
     value so that the quantized model's outputs on calibration clips match the float model's: AdaRound's
     search space (Nagel et al. 2020), searched end to end by straight-through gradients of the KL to the
     float model's outputs (as in QAT, qat.distill) with each shadow weight kept inside the two grid
-    cells around its float value. Label-free; ranges stay frozen. Returns the share of weights whose
-    code changed and the calibration KL before / after."""
+    cells around its float value. Label-free; ranges stay frozen. The refined rounding is kept only if
+    it lowers the calibration KL (at 8 bits the grid is finer than the optimiser's steps and it does
+    not). Weights already on the grid (GPTQ's output) stay where they are. Returns the share of
+    weights whose code changed, the calibration KL before / after and whether the result was kept."""
     import tensorflow as tf
     import tf_keras as keras
 
@@ -184,16 +186,19 @@ def refine_rounding(float_model, qmodel, x_calib: np.ndarray, epochs: int, learn
     teacher = float_model.predict(x_calib, batch_size=256, verbose=0)
     kl = lambda: float(soft_cross_entropy(tf.constant(teacher), qmodel.predict(x_calib, batch_size=256, verbose=0),
                                           1.0))
-    start = kl()
+    start, start_weights = kl(), qmodel.get_weights()
     set_seed(seed)
     trainee = Distiller(qmodel, float_model, alpha=1.0)
     trainee.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy")
     trainee.fit(x_calib, teacher.argmax(-1), batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
                 callbacks=[KeepInBoxes()])
+    end = kl()
+    if not end < start:
+        qmodel.set_weights(start_weights)
     after = quantized_weights(qmodel)
     changed = sum(int(np.sum(after[k].codes != before[k].codes)) for k in before)
     total = sum(v.codes.size for v in before.values())
-    return {"changed": changed / total, "kl_before": start, "kl_after": kl()}
+    return {"changed": changed / total, "kl_before": start, "kl_after": end, "kept": bool(end < start)}
 
 
 def validation_loss(model, feats) -> float:

@@ -113,10 +113,27 @@ def test_rounding_refinement_only_moves_codes_to_the_other_neighbour_and_lowers_
     info = refine_rounding(model, qmodel, calibration_clips(feats.x["train"], 128, 0), epochs=8,
                            learning_rate=1e-3, seed=0)
     after = quantized_weights(qmodel)
-    assert 0 < info["changed"] < 0.5 and info["kl_after"] < info["kl_before"]
+    assert 0 < info["changed"] < 0.5 and info["kl_after"] < info["kl_before"] and info["kept"]
     for name, q in after.items():
         v = float_weight(model, name) / start[name].scale + start[name].zero_point   # float value in code units
         np.testing.assert_array_equal(q.scale, start[name].scale)                     # the grid is untouched
         low = np.clip(np.floor(v), q.spec.qmin, q.spec.qmax)
         high = np.clip(np.floor(v) + 1, q.spec.qmin, q.spec.qmax)
         assert np.all((q.codes == low) | (q.codes == high)), name
+
+
+def test_rounding_refinement_is_dropped_when_it_does_not_lower_the_kl(trained):
+    """A step far too large throws every shadow weight to an edge of its two cells (random rounding):
+    the calibration KL rises, so the model is given back exactly as it was."""
+    from qat.ptq import refine_rounding
+    from qat.quantize import freeze_ranges
+
+    model, feats = trained
+    qmodel = quantize_model(model, QuantOptions(granularity="per_channel").quant_config(RecipeSpec(method="ptq",
+                                                                                                  bits=4)))
+    freeze_ranges(qmodel)
+    start = [w.copy() for w in qmodel.get_weights()]
+    info = refine_rounding(model, qmodel, calibration_clips(feats.x["train"], 64, 0), epochs=2,
+                           learning_rate=1.0, seed=0)
+    assert not info["kept"] and info["kl_after"] >= info["kl_before"] and info["changed"] == 0
+    assert all(np.array_equal(a, b) for a, b in zip(start, qmodel.get_weights()))
