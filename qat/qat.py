@@ -8,7 +8,7 @@
 Options users of QAT expect: fine-tuning epochs and learning rate, freezing the ranges after N
 epochs, progressive lowering of bits (e.g. 8 -> 4 -> target), early stopping on the quantized
 model's validation accuracy (trainer.patience) with its best weights restored. (The model before
-fine-tuning is not a candidate: on the seed task's 153 validation clips it won 3 of about 40 runs and
+fine-tuning is not a candidate: on the seed task's 306 validation clips it won 3 of 68 runs and
 lost 1-6 points on test each time.) Optional knowledge distillation from
 the float model (`distill`, `temperature`; qat.distill).
 Fine-tuning sees the trainer's time shift (on the cached frames, `qat.augment`), not its noise mixing.
