@@ -30,8 +30,9 @@ class Distiller(keras.Model):
     """Train `student` on (1 - alpha) * its compiled loss + alpha * the tempered KL to `teacher`.
 
     "loss" stays the student's cross-entropy with the labels (as in validation), "distill_loss" is the
-    KL term. Validation, prediction and metrics are the student's; the teacher is never updated. Compile and fit this
-    model in place of the student (its weights are the student's, then the teacher's)."""
+    KL term. Validation, prediction and metrics are the student's; the teacher is never updated.
+    Compile and fit this model in place of the student (its weights are the student's, then the
+    teacher's). Class weights apply to the label term only."""
 
     def __init__(self, student: keras.Model, teacher: keras.Model, alpha: float, temperature: float = 1.0):
         super().__init__(name="distiller")
