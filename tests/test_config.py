@@ -45,6 +45,13 @@ def test_seed_task_best_preset():
     assert spec.trainer.time_shift_ms == 100 and spec.trainer.augment and spec.trainer.noise_prob == 0
 
 
+def test_qat_and_ptq_defaults_are_the_documented_recipes():
+    qat = run_spec(composed("quant=qat", "bits=3")).recipe.options
+    assert (qat["estimator"], qat["distill"], qat["temperature"]) == ("mse", 0.5, 4.0)
+    ptq = run_spec(composed()).recipe.options
+    assert ptq["search"] is True and ptq["refine_epochs"] == 20 and ptq["refine_learning_rate"] == 1e-4
+
+
 def test_qat_act_preset_is_qat_with_its_fine_tuning_settings():
     spec = run_spec(composed("quant=qat_act", "act_bits=4", "state_bits=4", "bits=2"))
     base = run_spec(composed("quant=qat", "act_bits=4", "state_bits=4", "bits=2"))
