@@ -23,13 +23,11 @@ from typing import Any, Dict, Iterator
 
 import numpy as np
 
-from qat import ConfigError
-
 from qat.export import write_packed_model
 from qat.predict import predict_summary
 from qat.quantize import calibrate, freeze_ranges, quantize_model, quantized_weights
-from qat.recipes import (QuantOptions, RecipeResult, RecipeSpec, check_options, float_weight, report_summary,
-                         weight_report)
+from qat.recipes import (QuantOptions, RecipeResult, RecipeSpec, check_flag, check_number, check_options,
+                         float_weight, report_summary, weight_report)
 
 PTQ_OPTIONS = ("bias_correction", "gptq", "gptq_damp", "search", "refine_epochs", "refine_learning_rate")
 
@@ -155,7 +153,7 @@ def refine_rounding(float_model, qmodel, x_calib: np.ndarray, epochs: int, learn
     """Choose, for every quantized weight, between the grid point below and the one above its float
     value so that the quantized model's outputs on calibration clips match the float model's: AdaRound's
     search space (Nagel et al. 2020), searched end to end by straight-through gradients of the KL to the
-    float model's outputs (as in QAT, qat.distill) with each shadow weight kept inside the two grid
+    float model's outputs (qat.distill.soft_cross_entropy) with each shadow weight kept inside the two grid
     cells around its float value. Label-free; ranges stay frozen. The refined rounding is kept only if
     it lowers the calibration KL (at 8 bits the grid is finer than the optimiser's steps and it does
     not). Weights already on the grid (GPTQ's output) stay where they are. Returns the share of
@@ -163,7 +161,7 @@ def refine_rounding(float_model, qmodel, x_calib: np.ndarray, epochs: int, learn
     import tensorflow as tf
     import tf_keras as keras
 
-    from qat.distill import Distiller, soft_cross_entropy
+    from qat.distill import soft_cross_entropy
     from qat.quantize import QUANTIZED_LAYERS
     from qat.training import set_seed
 
@@ -183,15 +181,15 @@ def refine_rounding(float_model, qmodel, x_calib: np.ndarray, epochs: int, learn
             for var, lo, hi in boxes:
                 var.assign(tf.clip_by_value(var, lo, hi))
 
-    teacher = float_model.predict(x_calib, batch_size=256, verbose=0)
+    teacher = float_model.predict(x_calib, batch_size=256, verbose=0)   # the targets, computed once
     kl = lambda: float(soft_cross_entropy(tf.constant(teacher), qmodel.predict(x_calib, batch_size=256, verbose=0),
                                           1.0))
     start, start_weights = kl(), qmodel.get_weights()
     set_seed(seed)
-    trainee = Distiller(qmodel, float_model, alpha=1.0)
-    trainee.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy")
-    trainee.fit(x_calib, teacher.argmax(-1), batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
-                callbacks=[KeepInBoxes()])
+    qmodel.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                   loss=lambda target, probs: soft_cross_entropy(target, probs, 1.0))
+    qmodel.fit(x_calib, teacher, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
+               callbacks=[KeepInBoxes()])
     end = kl()
     if not end < start:
         qmodel.set_weights(start_weights)
@@ -224,18 +222,16 @@ def options(spec: RecipeSpec):
     the key)."""
     opts, rest = QuantOptions.pick(spec.options)
     switches = {name: rest.pop(name, False) for name in ("bias_correction", "gptq", "search")}
-    numbers = {"gptq_damp": rest.pop("gptq_damp", 0.01), "refine_learning_rate": rest.pop("refine_learning_rate", 1e-4)}
+    numbers = {name: rest.pop(name, default) for name, default in (("gptq_damp", 0.01),
+                                                                   ("refine_learning_rate", 1e-4))}
     refine_epochs = rest.pop("refine_epochs", 0)
     check_options(spec.method, rest, PTQ_OPTIONS)
     for name, value in switches.items():
-        if not isinstance(value, bool):
-            raise ConfigError(f"quant.{name}={value!r} is not allowed: expected true or false")
+        check_flag(name, value)
     for name, value in numbers.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"quant.{name}={value!r} is not allowed: expected a number > 0")
-    if isinstance(refine_epochs, bool) or not isinstance(refine_epochs, int) or refine_epochs < 0:
-        raise ConfigError(f"quant.refine_epochs={refine_epochs!r} is not allowed: expected an integer >= 0 "
-                          "(0 = no rounding refinement)")
+        check_number(name, value, "a number > 0", lambda v: v > 0)
+    check_number("refine_epochs", refine_epochs, "an integer >= 0 (0 = no rounding refinement)", lambda v: v >= 0,
+                 integer=True)
     return opts, PtqSteps(switches["bias_correction"], switches["gptq"], switches["search"],
                           float(numbers["gptq_damp"]), refine_epochs, float(numbers["refine_learning_rate"]))
 
@@ -301,11 +297,9 @@ def tflite_options(spec: RecipeSpec):
     sizes = {name: rest.pop(name, default) for name, default in (("representative_size", 200),
                                                                  ("latency_clips", 100))}
     check_options(spec.method, rest, TFLITE_OPTIONS)
-    if not isinstance(int8_io, bool):
-        raise ConfigError(f"quant.int8_io={int8_io!r} is not allowed: expected true or false")
+    check_flag("int8_io", int8_io)
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"quant.{name}={value!r} is not allowed: expected a positive integer")
+        check_number(name, value, "a positive integer", lambda v: v >= 1, integer=True)
     return int8_io, sizes["representative_size"], sizes["latency_clips"]
 
 

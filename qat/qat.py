@@ -27,8 +27,8 @@ from qat.augment import training_data
 from qat.export import load_packed_model, write_packed_model
 from qat.ptq import batches, calibration_clips
 from qat.quantize import calibrate, freeze_ranges, quantize_model
-from qat.recipes import (QuantOptions, RecipeResult, RecipeSpec, check_bits, check_options, max_levels,
-                         report_summary, weight_report)
+from qat.recipes import (QuantOptions, RecipeResult, RecipeSpec, check_bits, check_number, check_options,
+                         max_levels, report_summary, weight_report)
 from qat.training import TrainSpec, fit, set_seed
 
 QAT_OPTIONS = ("epochs", "learning_rate", "freeze_ranges_after", "progressive_bits", "learned", "distill",
@@ -58,14 +58,11 @@ def options(spec: RecipeSpec):
     learned = bool(rest.pop("learned", spec.method == "qat_lsq"))
     distill = Distillation(rest.pop("distill", 0.0), rest.pop("temperature", 1.0))
     check_options(spec.method, rest, QAT_OPTIONS)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"quant.epochs={epochs!r} is not allowed: expected a positive integer")
-    if not isinstance(lr, (int, float)) or lr <= 0:
-        raise ConfigError(f"quant.learning_rate={lr!r} is not allowed: expected a number > 0")
-    if freeze_after is not None and (isinstance(freeze_after, bool) or not isinstance(freeze_after, int)
-                                     or freeze_after < 1):
-        raise ConfigError(f"quant.freeze_ranges_after={freeze_after!r} is not allowed: expected null or an "
-                          "epoch number >= 1")
+    check_number("epochs", epochs, "a positive integer", lambda v: v >= 1, integer=True)
+    check_number("learning_rate", lr, "a number > 0", lambda v: v > 0)
+    if freeze_after is not None:
+        check_number("freeze_ranges_after", freeze_after, "null or an epoch number >= 1", lambda v: v >= 1,
+                     integer=True)
     for b in progressive:
         check_bits("quant.progressive_bits entry", b)
         if b <= spec.bits:
@@ -84,12 +81,9 @@ class Distillation:
     temperature: float = 1.0
 
     def __post_init__(self):
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise ConfigError(f"quant.distill={self.alpha!r} is not allowed: expected a weight in [0, 1] "
-                              "(0 = labels only, 1 = the float model's outputs only)")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not self.temperature > 0:
-            raise ConfigError(f"quant.temperature={self.temperature!r} is not allowed: expected a number > 0")
+        check_number("distill", self.alpha, "a weight in [0, 1] (0 = labels only, 1 = the float model's "
+                     "outputs only)", lambda v: 0 <= v <= 1)
+        check_number("temperature", self.temperature, "a number > 0", lambda v: v > 0)
 
     def fit_kwargs(self, teacher) -> Dict[str, Any]:
         """The distillation arguments of qat.training.fit (none when alpha is 0)."""
@@ -116,8 +110,7 @@ def run(spec: RecipeSpec, model, feats, trainer: TrainSpec, seed: int, run_dir: 
     stages: List[int] = progressive + [spec.bits]
     qmodel, history, seconds = None, [], []
     for bits in stages:
-        stage_spec = dataclasses.replace(spec, bits=bits, options={k: v for k, v in spec.options.items()
-                                                                   if k != "progressive_bits"})
+        stage_spec = dataclasses.replace(spec, bits=bits, options={})   # quant_config reads only the bits
         twin = quantize_model(model, opts.quant_config(stage_spec, learned=learned))
         if qmodel is not None:
             copy_shadow_weights(qmodel, twin)
@@ -180,8 +173,9 @@ def run_tfmot(spec: RecipeSpec, model, feats, trainer: TrainSpec, seed: int, run
     train_data, steps, _ = training_data(None, None, trainer, feats, seed)
     result = fit(qmodel, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], trainer,
                  epochs=epochs, learning_rate=lr, verbose=verbose, train_data=train_data, steps_per_epoch=steps,
-                 **distill.fit_kwargs(model), on_epoch=lambda e, logs: tracker.log({f"qat/train/{k}": v for k, v in logs.items()} |
-                                                     {"qat/epoch": e + 1}))
+                 **distill.fit_kwargs(model),
+                 on_epoch=lambda e, logs: tracker.log({f"qat/train/{k}": v for k, v in logs.items()} |
+                                                      {"qat/epoch": e + 1}))
     summary: Dict[str, Any] = {"qat/epochs": result["epochs"], "qat/sec_per_epoch": result["sec_per_epoch"]}
     levels_ok, n_bits, n_float = True, 0, 0
     for layer in qmodel.layers:

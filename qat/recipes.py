@@ -69,15 +69,10 @@ class QuantOptions:
                 raise ConfigError(f"quant.{name}={getattr(self, name)!r} is not allowed: expected one of "
                                   f"{', '.join(allowed)}")
         for name in ("narrow_range", "bias"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"quant.{name}={getattr(self, name)!r} is not allowed: expected true or false")
-        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
-                or not 50 < self.percentile <= 100:
-            raise ConfigError(f"quant.percentile={self.percentile!r} is not allowed: expected a number in (50, 100]")
-        if isinstance(self.calibration_size, bool) or not isinstance(self.calibration_size, int) \
-                or self.calibration_size < 1:
-            raise ConfigError(f"quant.calibration_size={self.calibration_size!r} is not allowed: expected a "
-                              "positive integer")
+            check_flag(name, getattr(self, name))
+        check_number("percentile", self.percentile, "a number in (50, 100]", lambda v: 50 < v <= 100)
+        check_number("calibration_size", self.calibration_size, "a positive integer", lambda v: v >= 1,
+                     integer=True)
 
     @classmethod
     def pick(cls, options: Dict[str, Any]):
@@ -99,6 +94,21 @@ class QuantOptions:
             if b is not None else None
         return QuantConfig(weights=weights, bias=bias, inputs=act(spec.act_bits), gates=act(spec.act_bits),
                            state=act(spec.state_bits), learned=learned)
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """`quant.<name>` must be true or false (one-line ConfigError otherwise)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"quant.{name}={value!r} is not allowed: expected true or false")
+    return value
+
+
+def check_number(name: str, value: Any, expected: str, ok: Callable[[Any], bool], integer: bool = False):
+    """`quant.<name>` must be a number (an int where `integer`; never a bool) with `ok(value)`; otherwise a
+    one-line ConfigError "quant.<name>=<value> is not allowed: expected <expected>"."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not ok(value):
+        raise ConfigError(f"quant.{name}={value!r} is not allowed: expected {expected}")
+    return value
 
 
 def check_recipe_options(spec: "RecipeSpec") -> None:
