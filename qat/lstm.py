@@ -10,8 +10,10 @@ points, each optional with its own QuantSpec:
     gate_i, gate_f, gate_c, gate_o   the four gate activations (after sigmoid / tanh)
     state_c, state_h                 the cell state c_t and the hidden state h_t (also the output)
 
-Speed: the weights are fake-quantized once per call, outside the time loop, and the input projection
-x @ W + b is one matmul for all time steps; only h @ U and the gate math run per step.
+Speed (BENCHMARKS.md section 3): the weights are fake-quantized once per call, outside the time loop;
+the loop is written as Keras' own CPU LSTM (its own traced function, input projection per step), so
+the float twin trains as fast as `keras.layers.LSTM`; activation quantizers inside the loop are
+single fused ops (`qat.quantizers.fused_fake_quant`), and quantized gates come from one sigmoid.
 Not supported: stateful, go_backwards, return_state, time_major, regularizers and constraints
 (ConfigError in `from_float`), and masking (Keras refuses a mask sent to this layer).
 """
@@ -19,12 +21,13 @@ from __future__ import annotations
 
 from qat import ConfigError
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import tensorflow as tf
 import tf_keras as keras
 
-from qat.quantizers import ActivationQuantizer, QuantSpec, WeightQuantizer, bind_concat
+from qat.quantizers import ActivationQuantizer, QuantSpec, WeightQuantizer, bound_quant, concat_params, fused_fake_quant
 
 GATES = ("gate_i", "gate_f", "gate_c", "gate_o")
 STATES = ("state_c", "state_h")
@@ -108,68 +111,45 @@ class QLSTM(keras.layers.Layer):
 
     # ------------------------------------------------------------------ forward pass
 
-    def _quant(self, name, gated: bool = True):
-        q = self.activation_quantizers.get(name)
-        return (lambda x: x) if q is None else q.bind(gated)
-
-    def _gates_quant(self, gated: bool = True):
-        """One fake-quant for the four concatenated gates (each with its own range), or None."""
-        qs = [self.activation_quantizers.get(g) for g in GATES]
-        return None if qs[0] is None else bind_concat(qs, self.units, gated)
-
     def _run(self, inputs, training=None, record=False):
         """Returns (h sequence time-major, dict of recorded pre-quantization values if record)."""
         training = bool(training) and not record
         inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
         recorded = {"input": inputs} if record else {}
-        x = self._quant("input")(inputs)
+        q_in = self.activation_quantizers.get("input")
+        x = inputs if q_in is None else q_in(inputs)
         if training and self.dropout > 0:
             # As Keras' LSTM (its fused path): a fresh mask for every time step, not one per sequence.
             x = tf.nn.dropout(x, rate=self.dropout)
-        kernel, rec_kernel = self.quantized_weight("kernel"), self.quantized_weight("recurrent_kernel")
-        batch = tf.shape(inputs)[0]
-        # input projection for all time steps at once, time-major (faster on CPU than an einsum)
-        xz = tf.matmul(tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, kernel.shape[0]]), kernel)
-        if self.use_bias:
-            xz = tf.nn.bias_add(xz, self.quantized_weight("bias"))
-        steps = inputs.shape[1] if inputs.shape[1] is not None else tf.shape(inputs)[1]
-        xz = tf.reshape(xz, [steps, batch, 4 * self.units])
-
-        zeros = tf.zeros((batch, self.units), xz.dtype)
+        x = tf.transpose(x, [1, 0, 2])
         rec_mask = None
         if training and self.recurrent_dropout > 0:
-            rec_mask = tf.nn.dropout(tf.ones_like(zeros), rate=self.recurrent_dropout)
-        act, rec_act = self.activation, self.recurrent_activation
-        init = (zeros, zeros) + ((zeros,) * 6 if record else ())
-
-        def scan(gated: bool):
-            gq = self._gates_quant(gated)
-            cq, hq = self._quant("state_c", gated), self._quant("state_h", gated)
-
-            def step(carry, xz_t):
-                h, c = carry[0], carry[1]
-                z = xz_t + tf.matmul(h if rec_mask is None else h * rec_mask, rec_kernel)
-                zi, zf, zc, zo = tf.split(z, 4, axis=1)
-                gates = (rec_act(zi), rec_act(zf), act(zc), rec_act(zo))
-                i, f, g, o = gates if gq is None else tf.split(gq(tf.concat(gates, axis=1)), 4, axis=1)
-                c_raw = f * c + i * g
-                c_new = cq(c_raw)
-                h_raw = o * act(c_new)
-                return (hq(h_raw), c_new) + ((c_raw, h_raw) + gates if record else ())
-
-            return tf.scan(step, xz, initializer=init)
-
+            rec_mask = tf.nn.dropout(tf.ones((tf.shape(x)[1], self.units), x.dtype), rate=self.recurrent_dropout)
+        # the quantizers inside the time loop: their kinds key the traced loop, their ranges are inputs
+        kinds, params, in_loop = {}, {}, []
+        gates = [self.activation_quantizers.get(g) for g in GATES]
+        if gates[0] is not None:
+            kinds["gate"], params["gate"] = gates[0].kind, concat_params(gates, self.units)
+            in_loop += gates
+        for name in STATES:
+            q = self.activation_quantizers.get(name)
+            if q is not None:
+                kinds[name], params[name] = q.kind, q.params()
+                in_loop.append(q)
+        args = (x, self.quantized_weight("kernel"), self.quantized_weight("recurrent_kernel"),
+                self.quantized_weight("bias") if self.use_bias else None, rec_mask, params)
+        loop = lambda gated: _RECURRENCE(*args, _Cell(self.units, self.activation, self.recurrent_activation,
+                                                     tuple(sorted(kinds.items())), gated, record))
         # Quantizers pass values through until calibrated, which costs a select per quantizer and time
         # step; once every quantizer in the loop is calibrated (training, evaluation) a loop without
         # the selects runs instead, with the same results.
-        in_loop = [q for name, q in self.activation_quantizers.items() if name != "input"]
         if in_loop:
             calibrated = tf.reduce_all(tf.stack([q.calibrated > 0 for q in in_loop]))
-            out = tf.cond(calibrated, lambda: scan(False), lambda: scan(True))
+            out = tf.cond(calibrated, lambda: loop(False), lambda: loop(True))
         else:
-            out = scan(True)
+            out = loop(False)
         if record:
-            recorded.update(dict(zip(STATES + GATES, out[2:])))
+            recorded.update(dict(zip(STATES + GATES, out[1:])))
         return out[0], recorded
 
     def call(self, inputs, training=None):
@@ -222,3 +202,76 @@ class QLSTM(keras.layers.Layer):
                    kernel_quant=specs.get("kernel"), recurrent_quant=specs.get("recurrent_kernel"),
                    bias_quant=specs.get("bias"), input_quant=specs.get("input"),
                    gate_quant=specs.get("gate"), state_quant=specs.get("state"))
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """The static part of a QLSTM time loop (it keys the loop's trace): sizes, activations, the kind of
+    each quantizer inside the loop, whether uncalibrated quantizers pass through (`gated`) and whether
+    the pre-quantization values are returned (`record`, for calibration)."""
+
+    units: int
+    activation: Callable
+    recurrent_activation: Callable
+    kinds: tuple        # ((name, ActivationQuantizer.kind), ...) for "gate", "state_c", "state_h"
+    gated: bool
+    record: bool
+
+
+def _recurrence(x, kernel, rec_kernel, bias, rec_mask, params, cell: _Cell):
+    """The LSTM time loop over time-major x [T, B, F]: (h sequence, and with cell.record the c and h
+    before quantization and the four gates before quantization), each [T, B, U].
+
+    Written as Keras' own CPU LSTM (`standard_lstm`): the input projection inside the loop and the
+    loop in a function of its own, which trains faster on CPU than projecting all time steps at
+    once outside the loop (BENCHMARKS.md section 3)."""
+    kinds = dict(cell.kinds)
+    act, rec_act = cell.activation, cell.recurrent_activation
+    u = cell.units
+    # Quantized fixed-range gates with the standard activations: all four gates from one sigmoid, as
+    # tanh(z) = 2 sigmoid(2z) - 1 (the c-gate columns of the weights doubled, exactly, before the loop),
+    # and that affine map folded into the gates' fake-quant: 3 ops per step instead of 7.
+    one_sigmoid = ("gate" in kinds and not cell.gated and not cell.record and not kinds["gate"][1]
+                   and act is keras.activations.tanh and rec_act is keras.activations.sigmoid)
+    quant = {name: bound_quant(kind, *params[name], gated=cell.gated) for name, kind in kinds.items()
+             if not (one_sigmoid and name == "gate")}
+    if one_sigmoid:
+        ones = tf.ones((u,), x.dtype)
+        double = tf.concat([ones, ones, 2 * ones, ones], 0)
+        kernel, rec_kernel = kernel * double, rec_kernel * double
+        bias = None if bias is None else bias * double
+        _, scale, zp = params["gate"]
+        quant["gate"] = fused_fake_quant(scale, zp, kinds["gate"][0],
+                                         pre=(double, tf.concat([0 * ones, 0 * ones, -ones, 0 * ones], 0)))
+    identity = lambda v: v
+    cq, hq = quant.get("state_c", identity), quant.get("state_h", identity)
+    gq = quant.get("gate")
+    steps = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+    inputs = tf.TensorArray(x.dtype, size=steps).unstack(x)
+    outputs = tuple(tf.TensorArray(x.dtype, size=steps) for _ in range(7 if cell.record else 1))
+    zeros = tf.zeros((tf.shape(x)[1], u), x.dtype)
+
+    def step(t, h, c, outputs):
+        z = tf.matmul(inputs.read(t), kernel)
+        z += tf.matmul(h if rec_mask is None else h * rec_mask, rec_kernel)
+        if bias is not None:
+            z = tf.nn.bias_add(z, bias)
+        if one_sigmoid:
+            i, f, g, o = tf.split(gq(tf.sigmoid(z)), 4, axis=1)
+        else:
+            zi, zf, zc, zo = tf.split(z, 4, axis=1)
+            gates = (rec_act(zi), rec_act(zf), act(zc), rec_act(zo))
+            i, f, g, o = gates if gq is None else tf.split(gq(tf.concat(gates, axis=1)), 4, axis=1)
+        c_raw = f * c + i * g
+        c_new = cq(c_raw)
+        h_raw = o * act(c_new)
+        h_new = hq(h_raw)
+        values = (h_new, c_raw, h_raw) + gates if cell.record else (h_new,)
+        return t + 1, h_new, c_new, tuple(ta.write(t, v) for ta, v in zip(outputs, values))
+
+    *_, outputs = tf.while_loop(lambda t, *_: t < steps, step, (0, zeros, zeros, outputs),
+                                parallel_iterations=32, maximum_iterations=steps)
+    return tuple(ta.stack() for ta in outputs)
+
+
+_RECURRENCE = tf.function(_recurrence, autograph=False)

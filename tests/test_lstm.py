@@ -127,9 +127,9 @@ def test_activation_and_state_quantization_equals_numpy_reference(granularity):
 
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 def test_one_fake_quant_for_the_four_gates_equals_four(granularity):
-    """The time loop quantizes the concatenated gates in one op (`bind_concat`): same values and, for
+    """The time loop quantizes the concatenated gates in one op (`concat_params`): same values and, for
     learned step sizes, the same gradients for every gate's scale and offset as four separate ops."""
-    from qat.quantizers import bind_concat
+    from qat.quantizers import bound_quant, concat_params
 
     x = _x(9)
     spec = QuantSpec(4, granularity=granularity)
@@ -143,7 +143,7 @@ def test_one_fake_quant_for_the_four_gates_equals_four(granularity):
     v = tf.constant(rng.uniform(-0.6, 1.1, size=(B, 4 * U)).astype(np.float32))
     weights = [w for aq in gates for w in (aq.scale, aq.offset)]
     with tf.GradientTape(persistent=True) as tape:
-        joint = bind_concat(gates, U)(v)
+        joint = bound_quant(gates[0].kind, *concat_params(gates, U))(v)
         apart = tf.concat([aq.bind()(p) for aq, p in zip(gates, tf.split(v, 4, axis=1))], axis=1)
         probe = tf.constant(rng.normal(size=(B, 4 * U)).astype(np.float32))
         loss_joint, loss_apart = tf.reduce_sum(joint * probe), tf.reduce_sum(apart * probe)

@@ -144,6 +144,71 @@ def test_ste_gradient_is_one_inside_zero_outside_and_matches_tf():
     np.testing.assert_array_equal(g, g_tf)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("scheme, narrow", SCHEMES)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_fake_quant_equals_tf_per_channel_kernel_and_passes_gradient_inside(bits, scheme, narrow, per_channel):
+    """The time loop's activation fake-quant (per channel: mapped to the unit grid, FakeQuantWithMinMaxArgs,
+    mapped back) against TensorFlow's own FakeQuantWithMinMaxVars(PerChannel) kernel and the numpy
+    reference: the same values up to float32 ties (one step, rarely), gradient 1 inside the range, 0 outside."""
+    from qat.quantizers import fused_fake_quant
+
+    spec = QuantSpec(bits, scheme=scheme, narrow_range=narrow,
+                     granularity="per_channel" if per_channel else "per_tensor")
+    x = _rand((256, 32), seed=200 + bits) * np.linspace(0.2, 2.0, 32, dtype=np.float32)
+    lo, hi = estimate_range(x, spec)
+    lo, hi = 0.7 * lo, 0.7 * hi                        # clip some values: the gradient's zero region
+    scale, zp = qparams(lo, hi, spec)
+    scale, zp = scale.reshape(-1), zp.reshape(-1)
+    if not per_channel:
+        scale, zp = scale[0], zp[0]
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        ours = fused_fake_quant(tf.constant(scale), tf.constant(zp), spec)(xt)
+    grad = tape.gradient(ours, xt, output_gradients=tf.ones_like(xt)).numpy()
+    ours = ours.numpy()
+    t_lo, t_hi = scale * (spec.qmin - zp), scale * (spec.qmax - zp)
+    kernel = (tf.quantization.fake_quant_with_min_max_vars_per_channel if per_channel
+              else tf.quantization.fake_quant_with_min_max_vars)
+    oracle = kernel(xt, t_lo, t_hi, num_bits=bits, narrow_range=narrow).numpy()
+    step = np.broadcast_to(scale, x.shape)
+    for other in (oracle, fake_quant_np(x, spec, lo, hi)):
+        off = np.abs(ours - other) > 1e-3 * step
+        assert np.all(np.abs(np.abs(ours - other)[off] - step[off]) <= 1e-2 * step[off]), "more than one step apart"
+        assert off.mean() < 0.01
+    inside = (x >= t_lo - 1e-6 * step) & (x <= t_hi + 1e-6 * step)
+    assert inside.any() and (~inside).any()
+    edge = np.minimum(np.abs(x - t_lo), np.abs(x - t_hi)) < 1e-4 * step    # float32 ties at the range ends
+    np.testing.assert_array_equal(grad[~edge], inside[~edge].astype(np.float32))
+
+
+def test_fused_fake_quant_folds_an_affine_map_before_it():
+    """`pre=(a, b)` quantizes v * a + b (the LSTM gates from one sigmoid): the same values as mapping
+    first, and the gradient a inside the range."""
+    from qat.quantizers import fused_fake_quant
+
+    spec = QuantSpec(4, granularity="per_channel")
+    rng = np.random.default_rng(3)
+    v = tf.constant(rng.uniform(0, 1, size=(128, 8)).astype(np.float32))
+    a = np.array([1, 1, 2, 2, 1, 1, 2, 2], np.float32)
+    b = np.array([0, 0, -1, -1, 0, 0, -1, -1], np.float32)
+    lo, hi = np.full(8, -0.8, np.float32), np.full(8, 0.9, np.float32)
+    scale, zp = (tf.constant(t.reshape(-1)) for t in qparams(lo, hi, spec))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(v)
+        folded = fused_fake_quant(scale, zp, spec, pre=(tf.constant(a), tf.constant(b)))(v)
+        mapped = fused_fake_quant(scale, zp, spec)(v * a + b)
+    step = scale.numpy()
+    off = np.abs(folded.numpy() - mapped.numpy()) > 1e-3 * step
+    assert off.mean() < 0.01
+    x = v.numpy() * a + b
+    inside = (x >= step * (spec.qmin - zp.numpy())) & (x <= step * (spec.qmax - zp.numpy()))
+    assert inside.any() and (~inside).any()
+    np.testing.assert_allclose(tape.gradient(folded, v).numpy(), a * inside, atol=1e-6)
+    np.testing.assert_allclose(tape.gradient(folded, v).numpy(), tape.gradient(mapped, v).numpy(), atol=1e-6)
+
+
 # ---------------------------------------------------------------- properties
 
 @pytest.mark.parametrize("bits", BITS)
