@@ -274,4 +274,4 @@ def _recurrence(x, kernel, rec_kernel, bias, rec_mask, params, cell: _Cell):
     return tuple(ta.stack() for ta in outputs)
 
 
-_RECURRENCE = tf.function(_recurrence, autograph=False)
+_RECURRENCE = tf.function(_recurrence, autograph=False, reduce_retracing=True)   # eager calls: any batch size

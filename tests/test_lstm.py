@@ -126,6 +126,43 @@ def test_activation_and_state_quantization_equals_numpy_reference(granularity):
 
 
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_gates_from_one_sigmoid_equal_the_four_activations_with_gradients(granularity):
+    """Calibrated fixed-range gates with tanh / sigmoid take the one-sigmoid path (tanh as a scaled
+    sigmoid, folded into the fake-quant); any other activation function object takes the general
+    path. Same outputs (up to a rare float32 tie) and the same weight gradients."""
+    x = _x(11)
+    lstm = _float_lstm(x, seed=11)
+    spec, w = QuantSpec(4, granularity=granularity), QuantSpec(3, granularity="per_channel")
+    specs = dict(kernel=w, recurrent_kernel=w, bias=QuantSpec(8), input=spec, gate=spec, state=spec)
+    fast = _twin(lstm, x, **specs)
+    general = QLSTM.from_float(lstm, specs)
+    general.activation = lambda t: tf.math.tanh(t)          # not keras.activations.tanh: general path
+    general(x)
+    general.copy_float_weights(lstm)
+    rng = np.random.default_rng(11)
+    for name, aq in fast.activation_quantizers.items():
+        lo = -rng.uniform(0.5, 1.5, size=(F if name == "input" else U) if granularity == "per_channel" else ())
+        hi = rng.uniform(0.5, 1.5, size=lo.shape)
+        aq.set_range(lo, hi)
+        general.activation_quantizers[name].set_range(lo, hi)
+    probe = tf.constant(rng.normal(size=(B, T, U)).astype(np.float32))
+    outs, grads = [], []
+    for layer in (fast, general):
+        with tf.GradientTape() as tape:
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * probe)
+        outs.append(y.numpy())
+        grads.append([g.numpy() for g in tape.gradient(loss, [layer.kernel, layer.recurrent_kernel, layer.bias])])
+    step = float(np.max(qparams(*[general.activation_quantizers["state_h"].lo.numpy(),
+                                   general.activation_quantizers["state_h"].hi.numpy()], spec)[0]))
+    assert np.mean(np.abs(outs[0] - outs[1]) > 1e-6) < 0.01
+    assert np.abs(outs[0] - outs[1]).max() <= 1.01 * step
+    for a, b in zip(*grads):
+        assert np.abs(b).max() > 0
+        np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 def test_one_fake_quant_for_the_four_gates_equals_four(granularity):
     """The time loop quantizes the concatenated gates in one op (`concat_params`): same values and, for
     learned step sizes, the same gradients for every gate's scale and offset as four separate ops."""
