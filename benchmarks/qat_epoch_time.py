@@ -4,8 +4,9 @@
 The models are those of `train.py` with the given overrides (default: the default config, log-mel 40
 + LSTM(80), batch 64): the float model and its QAT twins as the recipes build them: `qat` at 4 and 2
 bits trained with distillation from the float model (as `fit` runs it), `qat` at 2 bits without it,
-`qat_act` (W2/A4/S4, calibrated, labels only, as the recipe) and `qat_lsq` W2/A4/S4; plus the QLSTM
-twin with no quantizer at all (the float math through the project's own time loop).
+`qat_act` (W2/A4/S4, calibrated; with distillation as the recipe, and without) and `qat_lsq`
+W2/A4/S4; plus the QLSTM twin with no quantizer at all (the float math through the project's own
+time loop).
 
 Two measurements, each interleaved so that the load drifts of a shared machine hit every model alike:
 
@@ -40,10 +41,11 @@ from qat.qat import options  # noqa: E402
 from qat.quantize import QuantConfig, calibrate, quantize_model  # noqa: E402
 from qat.recipes import QuantOptions, RecipeSpec  # noqa: E402
 
-# (label, method, bits, act_bits, state_bits, distilled as the `qat` recipe does)
+# (label, method, bits, act_bits, state_bits, distilled as the recipes do)
 VARIANTS = [("qat w4", "qat", 4, None, None, True), ("qat w2", "qat", 2, None, None, True),
             ("qat w2, no distillation", "qat", 2, None, None, False),
-            ("qat_act w2 a4 s4 (labels only)", "qat", 2, 4, 4, False),
+            ("qat_act w2 a4 s4", "qat", 2, 4, 4, True),
+            ("qat_act w2 a4 s4, no distillation", "qat", 2, 4, 4, False),
             ("qat_lsq w2 a4 s4", "qat_lsq", 2, 4, 4, True)]
 
 
