@@ -437,12 +437,6 @@ class ActivationQuantizer:
         """(spec, learned, LSQ gradient scale): what `bound_quant` needs besides the range tensors."""
         return self.spec, self.learned, self._grad_scale
 
-    def bind(self, gated: bool = True):
-        """Return x -> fake_quant(x) with the range read once (call outside a time loop, use inside).
-        `gated=False` leaves out the pass-through of an uncalibrated quantizer: only for callers that
-        have checked `calibrated` themselves (it saves a select per call inside the time loop)."""
-        return bound_quant(self.kind, *self.params(), gated=gated)
-
     def __call__(self, x):
         """Fake-quantize x outside a time loop: one branch on the calibrated flag (instead of a select
         over every value, forward and backward)."""

@@ -181,7 +181,8 @@ def test_one_fake_quant_for_the_four_gates_equals_four(granularity):
     weights = [w for aq in gates for w in (aq.scale, aq.offset)]
     with tf.GradientTape(persistent=True) as tape:
         joint = bound_quant(gates[0].kind, *concat_params(gates, U))(v)
-        apart = tf.concat([aq.bind()(p) for aq, p in zip(gates, tf.split(v, 4, axis=1))], axis=1)
+        apart = tf.concat([bound_quant(aq.kind, *aq.params())(p) for aq, p in zip(gates, tf.split(v, 4, axis=1))],
+                          axis=1)
         probe = tf.constant(rng.normal(size=(B, 4 * U)).astype(np.float32))
         loss_joint, loss_apart = tf.reduce_sum(joint * probe), tf.reduce_sum(apart * probe)
     np.testing.assert_array_equal(joint.numpy(), apart.numpy())
