@@ -61,6 +61,10 @@ class QLSTM(keras.layers.Layer):
         if not self.use_bias and self.specs["bias"] is not None:
             raise ConfigError("bias quantization is not allowed with use_bias=False: the layer has no bias")
         self.learned = bool(learned)
+        # The time loop, traced per layer (a module-level function would keep every model's traces
+        # alive for the whole process: a sweep slowed down run after run). Set past Keras' attribute
+        # tracking: it is code, not state to save.
+        object.__setattr__(self, "_recurrence", tf.function(_recurrence, autograph=False, reduce_retracing=True))
         self.input_spec = keras.layers.InputSpec(ndim=3)
 
     # ------------------------------------------------------------------ weights and quantizers
@@ -138,7 +142,7 @@ class QLSTM(keras.layers.Layer):
                 in_loop.append(q)
         args = (x, self.quantized_weight("kernel"), self.quantized_weight("recurrent_kernel"),
                 self.quantized_weight("bias") if self.use_bias else None, rec_mask, params)
-        loop = lambda gated: _RECURRENCE(*args, _Cell(self.units, self.activation, self.recurrent_activation,
+        loop = lambda gated: self._recurrence(*args, _Cell(self.units, self.activation, self.recurrent_activation,
                                                      tuple(sorted(kinds.items())), gated, record))
         # Quantizers pass values through until calibrated, which costs a select per quantizer and time
         # step; once every quantizer in the loop is calibrated (training, evaluation) a loop without
@@ -273,5 +277,3 @@ def _recurrence(x, kernel, rec_kernel, bias, rec_mask, params, cell: _Cell):
                                 parallel_iterations=32, maximum_iterations=steps)
     return tuple(ta.stack() for ta in outputs)
 
-
-_RECURRENCE = tf.function(_recurrence, autograph=False, reduce_retracing=True)   # eager calls: any batch size
