@@ -130,16 +130,14 @@ class QLSTM(keras.layers.Layer):
         if training and self.recurrent_dropout > 0:
             rec_mask = tf.nn.dropout(tf.ones((tf.shape(x)[1], self.units), x.dtype), rate=self.recurrent_dropout)
         # the quantizers inside the time loop: their kinds key the traced loop, their ranges are inputs
-        kinds, params, in_loop = {}, {}, []
+        kinds, params = {}, {}
         gates = [self.activation_quantizers.get(g) for g in GATES]
         if gates[0] is not None:
             kinds["gate"], params["gate"] = gates[0].kind, concat_params(gates, self.units)
-            in_loop += gates
         for name in STATES:
             q = self.activation_quantizers.get(name)
             if q is not None:
                 kinds[name], params[name] = q.kind, q.params()
-                in_loop.append(q)
         args = (x, self.quantized_weight("kernel"), self.quantized_weight("recurrent_kernel"),
                 self.quantized_weight("bias") if self.use_bias else None, rec_mask, params)
         loop = lambda gated: self._recurrence(*args, _Cell(self.units, self.activation, self.recurrent_activation,
@@ -147,8 +145,8 @@ class QLSTM(keras.layers.Layer):
         # Quantizers pass values through until calibrated, which costs a select per quantizer and time
         # step; once every quantizer in the loop is calibrated (training, evaluation) a loop without
         # the selects runs instead, with the same results.
-        if in_loop:
-            calibrated = tf.reduce_all(tf.stack([q.calibrated > 0 for q in in_loop]))
+        if params:
+            calibrated = tf.reduce_all([tf.reduce_all(on) for on, _, _ in params.values()])
             out = tf.cond(calibrated, lambda: loop(False), lambda: loop(True))
         else:
             out = loop(False)
