@@ -7,35 +7,34 @@ results go to this command's own output folder.
     python evaluate.py run_dir=... predict_only=true [max_drop=1.0] [verify=false]
 
 `predict_only=true` prints the predicted drop for bits 2..8, per tensor and per channel, from the
-run's float model and labelled validation clips (qat.predict; seconds, nothing quantized is run);
-`max_drop=<points>` adds the smallest mixed-precision config under that predicted drop, verified by
-an actual PTQ evaluation on the test split unless verify=false.
+run's float model and labelled validation clips (qat.algorithms.predict; seconds, nothing quantized
+is run); `max_drop=<points>` adds the smallest mixed-precision config under that predicted drop,
+verified by an actual PTQ evaluation on the test split unless verify=false.
 """
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("LSTM_QAT_REPO", os.path.dirname(os.path.abspath(__file__)))
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from qat.runtime import start_tensorflow_quietly  # noqa: E402
 
-from qat.config import exit_on_config_error, logger_spec, run_spec
-from qat.experiment import load_run, run_experiment
-from qat.tracking import start_run
+start_tensorflow_quietly()
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from qat.config import exit_on_user_error, logger_spec, run_spec  # noqa: E402
+from qat.experiment import load_run, predict_saved_run, run_experiment  # noqa: E402
+from qat.tracking import start_run  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-@exit_on_config_error
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     saved = load_run(cfg.run_dir)
     config = OmegaConf.to_container(OmegaConf.load(os.path.join(cfg.run_dir, ".hydra", "config.yaml")), resolve=True)
-    if cfg.predict_only:
-        from qat.predict import report_saved_run
-
-        print(report_saved_run(run_spec(config), cfg.run_dir, OmegaConf.to_container(cfg.predict, resolve=True),
-                               cfg.max_drop, cfg.verify))
-        return
+    config["predict"] = OmegaConf.to_container(cfg.predict, resolve=True)
     config["verbose"] = cfg.verbose
     if cfg.get("quant") is not None:
         config["quant"] = OmegaConf.to_container(cfg.quant, resolve=True)
@@ -43,6 +42,9 @@ def main(cfg: DictConfig) -> None:
         if cfg.get(key) is not None:
             config[key] = cfg[key]
     spec = run_spec(config)
+    if cfg.predict_only:
+        print(predict_saved_run(spec, cfg.run_dir, cfg.max_drop, cfg.verify))
+        return
     out_dir = HydraConfig.get().runtime.output_dir
     # The run's own W&B project / group / tags, so the evaluation sits next to it; mode from here.
     logger = {**config["logger"], "mode": cfg.logger.mode, "job_type": "evaluate"}

@@ -10,17 +10,21 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("LSTM_QAT_REPO", os.path.dirname(os.path.abspath(__file__)))
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from qat.runtime import start_tensorflow_quietly  # noqa: E402
 
-from qat.config import exit_on_config_error, logger_spec, run_spec
-from qat.experiment import run_experiment
-from qat.tracking import start_run
+start_tensorflow_quietly()
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from qat.config import exit_on_user_error, logger_spec, run_spec  # noqa: E402
+from qat.experiment import run_experiment  # noqa: E402
+from qat.tracking import start_run  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-@exit_on_config_error
+@exit_on_user_error
 def main(cfg: DictConfig) -> float:
     config = OmegaConf.to_container(cfg, resolve=True)
     spec = run_spec(config)

@@ -1,4 +1,4 @@
-"""Float-baseline ablation (issue 10): the study's recipe (`experiment=study`), one row per front-end /
+"""Float-baseline ablation: the study's recipe (`experiment=study`), one row per front-end /
 training option added to it, the `experiment=seed_task_best` preset and the preset with one option
 taken out or added (the preset is the default config), on the seed task (yes / no / unknown), kws12 and FSDD. Every row is mean ± sd over
 seeds of test accuracy, balanced test accuracy, macro F1, epochs run, seconds per epoch (median
@@ -6,7 +6,7 @@ epoch) and training seconds (epochs x s/epoch); "cost" is the training time rela
 recipe on the same data. `--timing N` adds N alternating study / preset runs for a fair cost ratio
 on a shared machine.
 
-    python benchmarks/ablation.py [--seeds 0 1 2] [--rows seed: kws12: fsdd:] [--out /tmp/issue10_runs]
+    python benchmarks/ablation.py [--seeds 0 1 2] [--rows seed: kws12: fsdd:] [--out /tmp/ablation_runs]
                                   [--timing 3]
 
 Runs train.py as a user would (subprocesses, real data, float only, `logger=none`), one run at a
@@ -23,14 +23,18 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("LSTM_QAT_REPO", str(Path(__file__).resolve().parents[1]))
-
-from qat import ConfigError  # noqa: E402,F401  (selects Keras 2 before TensorFlow is imported)
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("LSTM_QAT_REPO", str(REPO))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from qat.config import run_spec  # noqa: E402
+from qat.errors import UserError  # noqa: E402
 STUDY = "experiment=study"
 PRESET = "experiment=seed_task_best"
 
@@ -67,10 +71,6 @@ COMMON = ["quant=none", "logger=none", "verbose=0", "trainer.reuse_float=false"]
 def float_spec(cfg: dict) -> dict:
     """What determines a float model (data, front end, model, trainer but not reuse, seed), as the
     library reads a resolved train.py config."""
-    from dataclasses import asdict
-
-    from qat.config import run_spec
-
     spec = run_spec(cfg)
     trainer = asdict(spec.trainer)
     trainer.pop("reuse_float")
@@ -79,9 +79,6 @@ def float_spec(cfg: dict) -> dict:
 
 
 def composed(args) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return OmegaConf.to_container(compose(config_name="config",
                                               overrides=[a for a in args if not a.startswith("hydra.")]),
@@ -91,12 +88,13 @@ def composed(args) -> dict:
 def same_float_run(folder: Path, args) -> bool:
     """Whether `folder` holds a finished run whose float model is the one `args` asks for (compared on
     the resolved configs, so a change of the defaults cannot pass an old run off as this row)."""
-    from omegaconf import OmegaConf
-
     if not (folder / "ablation.json").is_file() or not (folder / ".hydra" / "config.yaml").is_file():
         return False
     saved = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=True)
-    return float_spec(saved) == float_spec(composed(args))
+    try:
+        return float_spec(saved) == float_spec(composed(args))
+    except UserError:           # a run of an older config layout: run it again
+        return False
 
 
 def run(out: Path, cache: Path, row: str, overrides, seed: int, resume: bool = True) -> dict:
@@ -149,8 +147,8 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rows", nargs="*", default=[],
                    help="row ids or prefixes to run (default: all), e.g. seed: fsdd:study")
-    p.add_argument("--out", default="/tmp/issue10_runs", help="run folders (kept, for resuming)")
-    p.add_argument("--cache-dir", default="/tmp/issue10_cache", help="feature cache of these runs")
+    p.add_argument("--out", default="/tmp/ablation_runs", help="run folders (kept, for resuming)")
+    p.add_argument("--cache-dir", default="/tmp/ablation_cache", help="feature cache of these runs")
     p.add_argument("--timing", type=int, default=0, metavar="PAIRS",
                    help="also time study vs preset in this many alternating pairs (first seed)")
     args = p.parse_args()

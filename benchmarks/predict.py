@@ -1,4 +1,4 @@
-"""How well does qat.predict foresee the measured PTQ degradation? Reads finished train.py runs (a
+"""How well does qat.algorithms.predict foresee the measured PTQ degradation? Reads finished train.py runs (a
 multirun sweep of PTQ recipes), predicts each run's drop from its own float model and calibration
 clips (training or validation split, never test), and prints markdown tables: mean absolute error
 of the prediction against the measured `quant/degradation`, beside a "predict 0" baseline, the
@@ -6,8 +6,8 @@ drop measured on the validation split (running the quantized model there), and t
 noise of the test set itself.
 
     python train.py -m experiment=study data=fsdd quant=ptq_seed bits=2,3,4,5,6,7,8 seed=0,1,2 logger=none \
-        hydra.sweep.dir=/tmp/issue9/sweep/ptq_seed-fsdd
-    python benchmarks/predict.py /tmp/issue9/sweep/* [--calib val|train] [--n-calib 512] [--mixed 0.5,1,2]
+        hydra.sweep.dir=/tmp/predict_bench/sweep/ptq_seed-fsdd
+    python benchmarks/predict.py /tmp/predict_bench/sweep/* [--calib val|train] [--n-calib 512] [--mixed 0.5,1,2]
 
 The measurement noise of one run (`noise sd`) is the standard deviation of its paired test-set
 accuracy difference, sqrt(n01 + n10 - (n01 - n10)^2 / n) / n, from the clips that flip either way;
@@ -15,25 +15,34 @@ it is computed by re-quantizing round-to-nearest runs (for GPTQ runs it is left 
 predictor of the expected drop would still show an MAE of about 0.8 noise sd. `--mixed` also
 proposes bits per tensor under each budget for every float model and verifies the proposal (and the
 smallest uniform bit-width within the same predicted budget) by PTQ on the test split. Results and
-exact commands: BENCHMARKS.md (section 6).
+exact commands: BENCHMARKS.md ("Predicted degradation").
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import os
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from qat.runtime import start_tensorflow_quietly  # noqa: E402
+
+start_tensorflow_quietly()
 
 import numpy as np  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-import qat  # noqa: E402,F401
+from qat.algorithms.predict import (calibration_set, config_variance, measured_drop, propose_mixed,  # noqa: E402
+                                    sensitivity, weight_config)
+from qat.config import run_spec  # noqa: E402
+from qat.data.features import load_features  # noqa: E402
+from qat.layers.model import freeze_ranges, quantize_model  # noqa: E402
+from qat.metrics import predict_classes  # noqa: E402
+from qat.training.checkpoints import load_model_dir  # noqa: E402
 
 
 def recipe_label(quant: dict) -> str:
@@ -61,8 +70,6 @@ def collect(roots):
 
 
 def paired_noise_sd(model, qmodel, x, y) -> float:
-    from qat.metrics import predict_classes
-
     a = predict_classes(model, x) == y
     b = predict_classes(qmodel, x) == y
     n01, n10, n = int(np.sum(a & ~b)), int(np.sum(~a & b)), len(y)
@@ -82,16 +89,6 @@ def main() -> int:
                    "float model and verify by PTQ on the test split")
     p.add_argument("--mixed-granularity", default="per_tensor", choices=["per_tensor", "per_channel"])
     args = p.parse_args()
-
-    from omegaconf import OmegaConf
-
-    from qat.checkpoints import load_model_dir
-    from qat.config import run_spec
-    from qat.features import load_features
-    from qat.predict import calibration_set, config_variance, sensitivity
-    from qat.quantize import freeze_ranges, quantize_model
-    from qat.recipes import QuantOptions
-
     runs = collect(args.roots)
     if not runs:
         print(f"error: no finished PTQ run under {args.roots}", file=sys.stderr)
@@ -113,8 +110,7 @@ def main() -> int:
             sens_cache[mkey] = (model, sens, feats, s["task"], spec.seed)
             timing.append(sens.seconds)
         model, sens = sens_cache[mkey][:2]
-        opts, _ = QuantOptions.pick(spec.recipe.options)
-        qcfg = opts.quant_config(spec.recipe)
+        qcfg = spec.recipe.options.quant_config(spec.recipe.bits)
         t0 = time.perf_counter()
         var = config_variance(sens, qcfg)
         pred = sens.drop(var)
@@ -130,8 +126,6 @@ def main() -> int:
                      "val_measured": 100.0 * (s["float/val_acc"] - s["quant/val_acc"]), "noise_sd": noise,
                      "n_test": s["n_test"], "config_s": t_cfg})
     if args.csv:
-        import csv
-
         with open(args.csv, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
@@ -143,8 +137,6 @@ def main() -> int:
 
 
 def mixed_table(sens_cache, budgets, granularity):
-    from qat.predict import measured_drop, propose_mixed, weight_config
-
     print(f"\n### Mixed precision ({granularity}): proposal under a predicted-drop budget, verified by PTQ on test\n")
     print("| data | seed | budget | bits (lstm k / rk / b, dense k / b) | KiB | predicted | measured "
           "| uniform bits | uniform KiB | uniform measured | search s |")

@@ -1,5 +1,4 @@
-"""QAT training time against float training time, measured in one process (issue 7: QAT epoch time
-<= 1.5x the float epoch time).
+"""QAT training time against float training time, measured in one process.
 
 The models are those of `train.py` with the given overrides (default: the default config, log-mel 40
 + LSTM(80), batch 64): the float model and its QAT twins as the recipes build them: `qat` at 4 and 2
@@ -29,34 +28,33 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("LSTM_QAT_REPO", str(REPO))
 
-from qat import ConfigError  # noqa: E402,F401  (selects Keras 2 before TensorFlow is imported)
-import numpy as np  # noqa: E402
+from qat.runtime import start_tensorflow_quietly  # noqa: E402
+
+start_tensorflow_quietly()
+
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-from qat.distill import Distiller  # noqa: E402
-from qat.features import load_features, normalization_stats  # noqa: E402
-from qat.models import build_model  # noqa: E402
-from qat.qat import options  # noqa: E402
-from qat.quantize import QuantConfig, calibrate, quantize_model  # noqa: E402
-from qat.recipes import QuantOptions, RecipeSpec  # noqa: E402
+from qat.algorithms.calibration import calibrate  # noqa: E402
+from qat.config import run_spec  # noqa: E402
+from qat.data.features import load_features, normalization_stats  # noqa: E402
+from qat.layers.model import QuantConfig, quantize_model  # noqa: E402
+from qat.training.distill import Distiller  # noqa: E402
+from qat.training.models import build_model  # noqa: E402
 
-# (label, method, bits, act_bits, state_bits, distilled as the recipes do)
-VARIANTS = [("qat w4", "qat", 4, None, None, True), ("qat w2", "qat", 2, None, None, True),
-            ("qat w2, no distillation", "qat", 2, None, None, False),
-            ("qat_act w2 a4 s4", "qat", 2, 4, 4, True),
-            ("qat_act w2 a4 s4, no distillation", "qat", 2, 4, 4, False),
-            ("qat_lsq w2 a4 s4", "qat_lsq", 2, 4, 4, True)]
+# (label, quant preset, bit-width overrides, distilled as the recipes do)
+VARIANTS = [("qat w4", "qat", ["bits=4"], True), ("qat w2", "qat", ["bits=2"], True),
+            ("qat w2, no distillation", "qat", ["bits=2"], False),
+            ("qat_act w2 a4 s4", "qat_act", ["bits=2", "act_bits=4", "state_bits=4"], True),
+            ("qat_act w2 a4 s4, no distillation", "qat_act", ["bits=2", "act_bits=4", "state_bits=4"], False),
+            ("qat_lsq w2 a4 s4", "qat_lsq", ["bits=2", "act_bits=4", "state_bits=4"], True)]
 
 
 def composed_spec(overrides):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from qat.config import run_spec
-
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose("config", overrides=["quant=qat", *overrides]), resolve=True)
+        cfg = OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
     return run_spec(cfg)
 
 
@@ -72,7 +70,7 @@ def main():
     p.add_argument("--epochs", type=int, default=5, help="rounds of whole epochs (0: skip)")
     p.add_argument("overrides", nargs="*", help="train.py overrides (data, features, model, quant options)")
     args = p.parse_args()
-    spec = composed_spec(args.overrides)
+    spec = composed_spec(["quant=qat", *args.overrides])
     feats = load_features(spec.data, spec.features, spec.cache_dir)
     x, y = feats.x["train"], feats.y["train"]
     keras.utils.set_random_seed(0)
@@ -80,15 +78,14 @@ def main():
     float_model = build_model(feats.input_shape, len(feats.class_names), spec.model, mean, var)
     models = {"float (Keras LSTM)": float_model,
               "QLSTM twin, no quantizer": quantize_model(float_model, QuantConfig())}
-    opts, _ = QuantOptions.pick(spec.recipe.options)
-    distill = options(spec.recipe)[-1]
-    for label, method, bits, act, state, distilled in VARIANTS:
-        recipe = RecipeSpec(method=method, bits=bits, act_bits=act, state_bits=state)
-        q = quantize_model(float_model, opts.quant_config(recipe, learned=method == "qat_lsq"))
-        if act:
+    opts = spec.recipe.options
+    for label, preset, bits, distilled in VARIANTS:
+        recipe = composed_spec([f"quant={preset}", *bits, *args.overrides]).recipe
+        q = quantize_model(float_model, recipe.options.quant_config(recipe.bits, recipe.options.strategy))
+        if recipe.bits.quantizes_activations:
             calibrate(q, [x[:256]])
-        if distilled and distill.alpha > 0:     # what fit() trains with quant.distill > 0
-            q = Distiller(q, float_model, distill.alpha, distill.temperature)
+        if distilled and recipe.options.distill > 0:     # what fit() trains with quant.distill > 0
+            q = Distiller(q, float_model, recipe.options.distill, recipe.options.temperature)
         models[label] = q
     batch = spec.trainer.batch_size
     batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0).batch(batch).repeat()
@@ -118,7 +115,7 @@ def main():
     base = next(iter(models))
     print(f"{spec.data.name} ({' '.join(args.overrides) or 'default config'}): input {feats.input_shape}, "
           f"{len(x)} training clips, batch {batch}, act/state {opts.act_granularity} {opts.act_estimator}, "
-          f"distillation weight {distill.alpha}, T {distill.temperature}; {args.rounds} rounds x {args.steps} "
+          f"distillation weight {opts.distill}, T {opts.temperature}; {args.rounds} rounds x {args.steps} "
           f"steps, {args.epochs} epoch rounds; {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print("| model | ms / step | step ratio to float, median [quartiles] | s / epoch | epoch ratio to float |")

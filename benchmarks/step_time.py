@@ -14,24 +14,30 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from qat import ConfigError  # noqa: E402,F401  (selects Keras 2 before TensorFlow is imported)
+from qat.runtime import start_tensorflow_quietly  # noqa: E402
+
+start_tensorflow_quietly()
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-from qat.models import ModelSpec, build_model  # noqa: E402
-from qat.quantize import QuantConfig, calibrate, quantize_model  # noqa: E402
-from qat.quantizers import QuantSpec  # noqa: E402
-from qat.tfmot_config import tfmot_quantize  # noqa: E402
+from qat.algorithms.calibration import calibrate  # noqa: E402
+from qat.layers.model import QuantConfig, quantize_model  # noqa: E402
+from qat.layers.tfmot import tfmot_quantize  # noqa: E402
+from qat.quant.spec import QuantSpec  # noqa: E402
+from qat.training.models import ModelSpec, build_model  # noqa: E402
 
 
 def variants(float_model, calib):
     """The models compared: float; weights-only 4-bit and weights+activations+state 8-bit
-    (qat.quantize, per-tensor asymmetric minmax, activations calibrated on the batch); tfmot weights-only
-    4-bit (qat.tfmot_config, for comparison)."""
+    (qat.layers, per-tensor asymmetric minmax, activations calibrated on the batch); tfmot weights-only
+    4-bit (qat.layers.tfmot, for comparison)."""
     w4 = quantize_model(float_model, QuantConfig(weights=QuantSpec(4), bias=QuantSpec(4)))
     a8 = quantize_model(float_model, QuantConfig(weights=QuantSpec(8), bias=QuantSpec(8), inputs=QuantSpec(8),
                                                  gates=QuantSpec(8), state=QuantSpec(8)))
@@ -50,7 +56,9 @@ def main(argv=None):
     x = rng.normal(size=(args.batch, 49, 257)).astype(np.float32)
     y = rng.integers(0, 3, size=args.batch)
     keras.utils.set_random_seed(0)
-    models = variants(build_model((49, 257), 3, ModelSpec()), x)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        study_model = ModelSpec.from_config(OmegaConf.to_container(compose("config", overrides=["model=lstm"]).model))
+    models = variants(build_model((49, 257), 3, study_model), x)
     for m in models.values():
         m.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         for _ in range(3):                        # trace + warm up

@@ -16,23 +16,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qat import ConfigError  # noqa: E402  (selects Keras 2 before TensorFlow is imported)
+from qat.runtime import start_tensorflow_quietly  # noqa: E402
+
+start_tensorflow_quietly()
 
 import numpy as np  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-from qat.quantize import weight_tensor_names  # noqa: E402
-from qat.quantizers import ESTIMATORS, GRANULARITIES, MSE_GRID, QuantSpec, error_stats, fake_quant_np  # noqa: E402
+from qat.errors import ConfigError  # noqa: E402
+from qat.layers.model import float_weight, weight_tensor_names  # noqa: E402
+from qat.quant.reference import MSE_GRID, error_stats, fake_quant_np  # noqa: E402
+from qat.quant.spec import ESTIMATORS, GRANULARITIES, QuantSpec  # noqa: E402
 
 
 def float_weights(model) -> dict[str, np.ndarray]:
-    """name -> float weight for every quantizable tensor (a Keras LSTM keeps its weights on its cell)."""
-    out = {}
-    for name in weight_tensor_names(model):
-        layer, weight = name.split("/")
-        layer = model.get_layer(layer)
-        out[name] = getattr(getattr(layer, "cell", layer), weight).numpy()
-    return out
+    """name -> float weight for every quantizable tensor."""
+    return {name: float_weight(model, name) for name in weight_tensor_names(model)}
 
 
 def mse_table(weights: dict, bits: int, percentile: float) -> list[str]:

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after selecting the non-interactive backend)
+
 SUMMARY = "summary.json"
 GROUP_KEYS = ("data", "task", "method", "bits", "act_bits", "state_bits")
 FIGURES = ("quant/test_acc", "quant/degradation", "float/test_acc", "quant/test_balanced_acc",
@@ -106,11 +111,6 @@ def markdown(rows: List[Dict[str, Any]], incomplete: List[str]) -> str:
 def figure(rows: List[Dict[str, Any]], path_stem: Path, metric: str = "quant/test_acc") -> List[Path]:
     """Accuracy (or degradation) against bits, one line per method with seed error bars (sd), the
     float baseline as a band (mean ± sd); one panel per task. Saved as PNG and PDF."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = sorted({r["task"] or r["data"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     scale = 1.0 if metric.endswith("degradation") else 100.0

@@ -7,24 +7,26 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
 
-from qat import ConfigError
-from qat.augment import training_data
-from qat.checkpoints import MODEL_FILE, cached_float_model, digest, load_model_dir, save_model_dir
-from qat.data import DataSpec
-from qat.features import Features, FeatureSpec, load_features, normalization_stats
+from qat.algorithms.predict import MAX_DROP, PredictSpec, format_report, predict_run
+from qat.checks import Nullable
+from qat.data.augment import training_data
+from qat.data.datasets import DataSpec
+from qat.data.features import Features, FeatureSpec, load_features, normalization_stats
+from qat.errors import ConfigError, DataError
+from qat.io import make_dirs, write_json
 from qat.metrics import evaluate, plot_confusion
-from qat.models import ModelSpec, build_model
-from qat.recipes import RecipeSpec, run_recipe
+from qat.recipes.base import RecipeContext, RecipeSpec
 from qat.tracking import Tracker
-from qat.training import TrainSpec, fit, set_seed
+from qat.training.checkpoints import MODEL_FILE, cached_float_model, digest, load_model_dir, save_model_dir
+from qat.training.fit import TrainSpec, fit, set_seed
+from qat.training.models import ModelSpec, build_model
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +36,17 @@ FLOAT_DIR = "float"
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything one run needs, already validated."""
+    """Everything one run needs, already validated (qat.config builds it from a composed config)."""
 
-    data: DataSpec = field(default_factory=DataSpec)
-    features: FeatureSpec = field(default_factory=FeatureSpec)
-    model: ModelSpec = field(default_factory=ModelSpec)
-    trainer: TrainSpec = field(default_factory=TrainSpec)
-    recipe: RecipeSpec = field(default_factory=RecipeSpec)
-    seed: int = 0
-    cache_dir: Optional[str] = None
-    verbose: int = 0
+    data: DataSpec
+    features: FeatureSpec
+    model: ModelSpec
+    trainer: TrainSpec
+    recipe: RecipeSpec
+    predict: PredictSpec
+    seed: int
+    cache_dir: Optional[str]
+    verbose: int
 
     def float_key(self, features_key: str) -> str:
         """What determines the float model: features, model, trainer (but not reuse) and seed."""
@@ -51,15 +54,6 @@ class RunSpec:
         trainer.pop("reuse_float")
         return digest({"features": features_key, "model": asdict(self.model), "trainer": trainer,
                        "normalize": self.features.normalize, "seed": self.seed})
-
-
-def write_json_atomic(path: Path, obj: Dict[str, Any]) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, default=float)
-    os.replace(tmp, path)
 
 
 def train_float(spec: RunSpec, feats: Features, tracker: Tracker):
@@ -116,8 +110,7 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
     `float_from`: the folder of an earlier run whose float model is used as it is (evaluate.py);
     otherwise the float model comes from the cache or is trained.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = make_dirs(Path(run_dir))
     t0 = time.perf_counter()
     feats = load_features(spec.data, spec.features, spec.cache_dir)
     t_features = time.perf_counter() - t0
@@ -126,10 +119,10 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
         reused = True
     else:
         model, info, reused = float_model(spec, feats, run_dir, tracker)
+    bits = spec.recipe.bits
     summary: Dict[str, Any] = {
-        "method": spec.recipe.method, "bits": spec.recipe.bits, "act_bits": spec.recipe.act_bits,
-        "state_bits": spec.recipe.state_bits, "seed": spec.seed, "data": spec.data.name,
-        "task": spec.data.task if spec.data.name == "speech_commands" else spec.data.name,
+        "method": spec.recipe.method, "bits": bits.bits, "act_bits": bits.act_bits,
+        "state_bits": bits.state_bits, "seed": spec.seed, "data": spec.data.name, "task": spec.data.task_name,
         "classes": feats.class_names,
         "n_train": len(feats.y["train"]), "n_val": len(feats.y["val"]), "n_test": len(feats.y["test"]),
         "float/reused": reused, "float/epochs": info["epochs"], "float/best_epoch": info["best_epoch"],
@@ -138,7 +131,9 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
     }
     summary.update(evaluate_model(model, feats, "float", run_dir))
     t1 = time.perf_counter()
-    result = run_recipe(spec.recipe, model, feats, spec.trainer, spec.seed, run_dir, tracker, spec.verbose)
+    ctx = RecipeContext(model, feats, spec.data, spec.features, spec.trainer, spec.predict, bits, spec.seed,
+                        run_dir, tracker, spec.verbose)
+    result = spec.recipe.run(ctx)
     summary["time/recipe_s"] = time.perf_counter() - t1
     summary.update(result.summary)
     if result.model is model:
@@ -152,7 +147,7 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
     summary["quant/balanced_degradation"] = 100.0 * (summary["float/test_balanced_acc"]
                                                      - summary["quant/test_balanced_acc"])
     summary["time/total_s"] = time.perf_counter() - t0
-    write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    write_json(run_dir / SUMMARY_FILE, summary)
     log_summary(tracker, summary)
     return summary
 
@@ -174,5 +169,16 @@ def load_run(run_dir: str) -> Dict[str, Any]:
     missing = [p for p in (SUMMARY_FILE, f"{FLOAT_DIR}/{MODEL_FILE}", ".hydra/config.yaml")
                if not (path / p).exists()]
     if missing:
-        raise ConfigError(f"run_dir={run_dir!r} is not a finished train.py run: missing {', '.join(missing)}")
+        raise DataError(f"run_dir={run_dir!r} is not a finished train.py run: missing {', '.join(missing)}")
     return json.loads((path / SUMMARY_FILE).read_text())
+
+
+def predict_saved_run(spec: RunSpec, run_dir: str, max_drop: Optional[float] = None, verify: bool = True) -> str:
+    """`evaluate.py predict_only=true`: the predicted-drop report (qat.algorithms.predict) of a
+    finished run's float model on its features and seed, as text."""
+    Nullable(MAX_DROP)("max_drop", max_drop)
+    t0 = time.perf_counter()
+    feats = load_features(spec.data, spec.features, spec.cache_dir)
+    model, _ = load_model_dir(Path(run_dir) / FLOAT_DIR)
+    r = predict_run(model, feats, spec.predict, spec.seed, max_drop, verify)
+    return f"run {run_dir}\n" + format_report(r) + f"\n(total {time.perf_counter() - t0:.1f} s)"

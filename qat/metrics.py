@@ -1,9 +1,25 @@
-"""Classification figures of a model on one split, and the confusion-matrix picture."""
+"""A model's predictions on arrays of clips, the classification figures of one split, and the
+confusion-matrix picture."""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
+import matplotlib
 import numpy as np
+import tf_keras as keras
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after selecting the non-interactive backend)
+
+from qat.data.batches import batched  # noqa: E402
+
+
+def predict(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The model's outputs for every clip of x, in order (a Keras model, or any object with a
+    `predict(x)` such as qat.export.tflite.TFLiteModel)."""
+    if isinstance(model, keras.Model):
+        return model.predict(batched(x, batch_size=batch_size), verbose=0)
+    return model.predict(x)
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -38,7 +54,7 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: S
 
 def predict_classes(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Arg-max class of each input."""
-    return np.argmax(model.predict(x, batch_size=batch_size, verbose=0), axis=-1)
+    return np.argmax(predict(model, x, batch_size), axis=-1)
 
 
 def evaluate(model, x: np.ndarray, y: np.ndarray, class_names: Sequence[str]) -> Dict:
@@ -48,11 +64,6 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, class_names: Sequence[str]) ->
 
 def plot_confusion(cm: List[List[int]], class_names: Sequence[str], path: str, title: str) -> str:
     """Save the confusion matrix (row-normalised colours, counts written in) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cm = np.asarray(cm)
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     size = 2.0 + 0.5 * len(class_names)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
-from qat import ConfigError
+import wandb
+
+from qat.checks import Scalar, Checked, ListOf, Nullable, Number, OneOf, Text, setting
 
 log = logging.getLogger(__name__)
 
@@ -15,21 +17,21 @@ MODES = ("offline", "online", "disabled")
 
 
 @dataclass(frozen=True)
-class LoggerSpec:
-    """Where and how a run is logged to W&B."""
+class LoggerSpec(Checked):
+    """Where and how a run is logged to W&B (conf/logger/*.yaml)."""
 
-    mode: str = "offline"
-    project: str = "lstm-qat"
-    entity: Optional[str] = None
-    group: Optional[str] = None        # e.g. the sweep / experiment name, so a dashboard can pivot
-    job_type: Optional[str] = None     # e.g. the quantization method
-    tags: List[str] = field(default_factory=list)
-    init_timeout: float = 60.0         # seconds to wait for the W&B service before going offline
+    section = "logger"
 
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ConfigError(f"logger.mode={self.mode!r} is not allowed: expected one of {', '.join(MODES)}")
-        object.__setattr__(self, "tags", [str(t) for t in (self.tags or [])])
+    mode: str = setting(OneOf(MODES))
+    project: str = setting(Text())
+    entity: Optional[str] = setting(Nullable(Text()))
+    group: Optional[str] = setting(Nullable(Text()))      # e.g. the sweep / experiment name, so a dashboard can pivot
+    job_type: Optional[str] = setting(Nullable(Text()))   # e.g. the quantization method
+    tags: Tuple[str, ...] = setting(ListOf(Scalar(), expected="a list of tags"))
+    init_timeout: float = setting(Number(0, low_open=True))   # seconds to wait for the W&B service before going offline
+
+    def check(self) -> None:
+        object.__setattr__(self, "tags", tuple(str(t) for t in self.tags))
 
 
 class Tracker:
@@ -60,13 +62,9 @@ class Tracker:
         self._guard("summary", lambda: self.run.summary.update(values))
 
     def image(self, key: str, path: str) -> None:
-        import wandb
-
         self._guard("image", lambda: self.run.log({key: wandb.Image(path)}))
 
     def table(self, key: str, columns: List[str], rows: List[List[Any]]) -> None:
-        import wandb
-
         self._guard("table", lambda: self.run.log({key: wandb.Table(columns=columns, data=rows)}))
 
     def finish(self) -> None:
@@ -80,11 +78,9 @@ def start_run(spec: LoggerSpec, run_dir: str, config: Dict[str, Any], name: Opti
     that does nothing (with a warning)."""
     if spec.mode == "disabled":
         return Tracker(None)
-    import wandb
-
     os.makedirs(run_dir, exist_ok=True)
     kwargs = dict(project=spec.project, entity=spec.entity, group=spec.group, job_type=spec.job_type,
-                  tags=spec.tags or None, config=config, name=name, dir=run_dir, reinit="finish_previous")
+                  tags=list(spec.tags) or None, config=config, name=name, dir=run_dir, reinit="finish_previous")
     modes = [spec.mode] if spec.mode == "offline" else [spec.mode, "offline"]
     for mode in modes:
         try:

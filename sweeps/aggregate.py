@@ -9,10 +9,15 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
+from omegaconf import OmegaConf  # noqa: E402
+
 from qat.aggregate import collect, figure, markdown, table, write_csv  # noqa: E402
+from qat.tracking import LoggerSpec, start_run  # noqa: E402
 
 
 def main() -> int:
@@ -43,9 +48,9 @@ def main() -> int:
     print(f"{len(found.runs)} runs, {len(found.incomplete)} incomplete -> {out / 'runs.csv'}, {out / 'table.md'}, "
           + ", ".join(str(p) for p in pictures))
     if args.wandb != "disabled":
-        from qat.tracking import LoggerSpec, start_run
-
-        tracker = start_run(LoggerSpec(mode=args.wandb, job_type="aggregate"), str(out), {"roots": args.roots})
+        logger = {**OmegaConf.to_container(OmegaConf.load(CONF / "logger" / "wandb.yaml")),
+                  "mode": args.wandb, "job_type": "aggregate", "tags": []}
+        tracker = start_run(LoggerSpec.from_config(logger), str(out), {"roots": args.roots})
         tracker.image("sweep/accuracy_vs_bits", str(pictures[0]))
         cols = [k for k in rows[0] if k != "seeds"]
         tracker.table("sweep/table", cols, [[r[c] for c in cols] for r in rows])

@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("LSTM_QAT_REPO", str(REPO))   # the configs' default data root: ../shared/data
 DATA = Path(os.environ.get("LSTM_QAT_DATA", REPO.parent / "shared" / "data"))
 SPEECH_COMMANDS = DATA / "speech_commands_v2_test"
 FSDD = DATA / "fsdd"

@@ -1,4 +1,4 @@
-"""Augmentation (qat.augment) on real clips: waveform shift and noise mixing, the frame-shift pipeline
+"""Augmentation (qat.data.augment) on real clips: waveform shift and noise mixing, the frame-shift pipeline
 on cached features, its trainer settings and the config files that use it."""
 import os
 import re
@@ -6,20 +6,32 @@ import re
 import numpy as np
 import pytest
 import soundfile
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from qat import ConfigError
-from qat.augment import (MIN_NOISE_RMS, augment, frame_shift_dataset, load_noise, mix_noise, noise_files,
-                         shift_frames, shift_in_frames, time_shift, training_data, training_dataset)
-from qat.config import run_spec
-from qat.data import SILENCE, DataSpec, list_files, load_waveforms, speaker_of, split_of
-from qat.features import FeatureSpec, compute_features
-from qat.training import TrainSpec
-from tests.conftest import REPO
+from qat.data.augment import (MIN_NOISE_RMS, augment, frame_shift_dataset, load_noise, mix_noise, noise_files,
+                              shift_frames, shift_in_frames, time_shift, training_data, training_dataset)
+from qat.data.datasets import SILENCE, list_files, load_waveforms, speaker_of, split_of
+from qat.data.features import Features, compute_features, load_features
+from qat.errors import ConfigError
+from qat.experiment import train_float
+from qat.tracking import Tracker
+from tests import specs
+from tests.conftest import SPEECH_COMMANDS
 
-os.environ.setdefault("LSTM_QAT_REPO", str(REPO))
 N = 16000
+
+
+def DataSpec(option="speech_commands", /, **changes):
+    return specs.data(option, **changes)
+
+
+def FeatureSpec(**changes):
+    """conf/features/stft.yaml (the study's front end) with these changes."""
+    return specs.features("stft", **changes)
+
+
+def TrainSpec(**changes):
+    """conf/trainer/default.yaml (the study's trainer) with these changes."""
+    return specs.trainer("default", **changes)
 
 
 def rms(x):
@@ -29,8 +41,6 @@ def rms(x):
 @pytest.fixture(scope="module")
 def clips():
     """Six real one-second clips of the seed task (two per label) and their labels."""
-    from tests.conftest import SPEECH_COMMANDS
-
     if not SPEECH_COMMANDS.is_dir():
         pytest.skip(f"real speech data not found at {SPEECH_COMMANDS}")
     data = DataSpec(root=str(SPEECH_COMMANDS), limit_per_class=40)
@@ -105,14 +115,14 @@ def test_only_train_split_silence_clips_are_noise(speech_commands_root):
 
 
 def test_noise_sources(fsdd_root, tmp_path):
-    assert noise_files(DataSpec(name="fsdd", root=str(fsdd_root)), None) == []   # FSDD has no noise
+    assert noise_files(DataSpec("fsdd", root=str(fsdd_root)), None) == []   # FSDD has no noise
     with pytest.raises(ConfigError, match="trainer.noise_dir='/nowhere' is not a folder"):
-        noise_files(DataSpec(name="fsdd", root=str(fsdd_root)), "/nowhere")
+        noise_files(DataSpec("fsdd", root=str(fsdd_root)), "/nowhere")
     # a long recording (as in _background_noise_) is cut into clip-length pieces; digital silence is dropped
     rng = np.random.default_rng(0)
     soundfile.write(tmp_path / "long.wav", 0.05 * rng.standard_normal(int(2.5 * N)), N)
     soundfile.write(tmp_path / "zeros.wav", np.zeros(N), N)
-    files = noise_files(DataSpec(name="fsdd", root=str(fsdd_root)), str(tmp_path))
+    files = noise_files(DataSpec("fsdd", root=str(fsdd_root)), str(tmp_path))
     bank = load_noise(files, N, N)
     assert bank.shape == (2, N) and np.all(rms(bank) >= MIN_NOISE_RMS)
 
@@ -155,10 +165,7 @@ def test_augmentation_flag():
     assert TrainSpec(noise_snr_db=[0, 20]).noise_snr_db == (0.0, 20.0)
 
 
-def composed(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return run_spec(OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)),
-                                               resolve=True))
+composed = specs.run
 
 
 def test_study_recipe_is_unchanged():
@@ -187,25 +194,18 @@ def test_option_files_and_preset_compose():
 
 
 def test_train_float_with_augmentation(speech_commands_root):
-    from qat.experiment import RunSpec, train_float
-    from qat.features import load_features
-    from qat.models import ModelSpec
-    from qat.tracking import Tracker
-
-    data = DataSpec(root=str(speech_commands_root), limit_per_class=40)
-    feats = load_features(data, FeatureSpec(mel_bins=40, log=True), None)
-    spec = RunSpec(data=data, features=FeatureSpec(mel_bins=40, log=True), model=ModelSpec(units=8),
-                   trainer=TrainSpec(epochs=2, batch_size=16, time_shift_ms=50, noise_prob=0.5,
-                                     lr_schedule="cosine", class_weight="balanced"))
+    spec = specs.run(f"data.root={speech_commands_root}", "data.limit_per_class=40", "features=log_stft",
+                     "features.mel_bins=40", "model.units=8", "trainer=default", "trainer.epochs=2",
+                     "trainer.batch_size=16", "trainer.time_shift_ms=50", "trainer.noise_prob=0.5",
+                     "trainer.lr_schedule=cosine", "trainer.class_weight=balanced")
+    feats = load_features(spec.data, spec.features, None)
     _, info = train_float(spec, feats, Tracker())
     assert info["epochs"] == 2 and info["aug_noise_pieces"] > 0
     assert np.all(np.isfinite(info["history"]["loss"]))
 
 
 def test_data_without_noise_shifts_frames_and_says_so(fsdd_root, caplog):
-    from qat.features import Features
-
-    data = DataSpec(name="fsdd", root=str(fsdd_root))
+    data = DataSpec("fsdd", root=str(fsdd_root))
     files = sorted(str(p) for p in fsdd_root.glob("*_jackson_4[0-3].wav"))[:4]
     x = compute_features(load_waveforms(files, data)[0], FeatureSpec(), data.sample_rate)
     feats = Features({"train": x}, {"train": np.arange(4)}, {"train": files}, ["a", "b", "c", "d"], "k", 20.0)

@@ -1,22 +1,24 @@
-"""Real Hydra composition of the shipped configs, turned into specs."""
-import os
+"""Real Hydra composition of the shipped configs, turned into typed specs: the presets are what they
+say, every default lives in the YAML alone, and every bad value fails when the config is read."""
+import copy
+import dataclasses
 import re
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from qat import ConfigError
+from qat.algorithms.predict import PredictSpec
 from qat.config import logger_spec, run_spec
+from qat.data.datasets import DataSpec
+from qat.data.features import FeatureSpec
+from qat.errors import ConfigError
+from qat.recipes.base import RECIPES, BitWidths
+from qat.tracking import LoggerSpec
+from qat.training.fit import TrainSpec
+from qat.training.models import ModelSpec
 from tests.conftest import REPO
+from tests.specs import composed
 
-os.environ.setdefault("LSTM_QAT_REPO", str(REPO))
-
-
-def composed(*overrides, name="config"):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+QUANT_PRESETS = sorted(p.stem for p in (REPO / "conf" / "quant").glob("*.yaml"))
 
 
 def test_study_preset_is_the_study():
@@ -33,7 +35,7 @@ def test_study_preset_is_the_study():
 def test_default_config_is_the_stronger_baseline_with_4_bit_ptq():
     assert run_spec(composed()) == run_spec(composed("experiment=seed_task_best"))
     spec = run_spec(composed())
-    assert spec.recipe.method == "ptq" and spec.recipe.bits == 4 and spec.seed == 0
+    assert spec.recipe.method == "ptq" and spec.recipe.bits == BitWidths(4, None, None) and spec.seed == 0
     assert logger_spec(composed()).mode == "offline"
 
 
@@ -47,24 +49,32 @@ def test_seed_task_best_preset():
 
 def test_qat_and_ptq_defaults_are_the_documented_recipes():
     qat = run_spec(composed("quant=qat", "bits=3")).recipe.options
-    assert (qat["estimator"], qat["distill"], qat["temperature"]) == ("mse", 0.5, 4.0)
+    assert (qat.estimator, qat.granularity, qat.distill, qat.temperature) == ("mse", "per_channel", 0.5, 4.0)
     ptq = run_spec(composed()).recipe.options
-    assert ptq["search"] is True and ptq["refine_epochs"] == 20 and ptq["refine_learning_rate"] == 1e-4
+    assert ptq.search and ptq.gptq and ptq.bias_correction and ptq.granularity == "per_channel"
+    assert ptq.percentile == 99.9 and ptq.refine_epochs == 20 and ptq.refine_learning_rate == 1e-4
+    seed = run_spec(composed("quant=ptq_seed")).recipe.options
+    assert (seed.granularity, seed.estimator, seed.gptq, seed.search, seed.bias_correction, seed.refine_epochs) \
+        == ("per_tensor", "minmax", False, False, False, 0)
 
 
 def test_qat_act_preset_is_qat_with_its_fine_tuning_settings():
     spec = run_spec(composed("quant=qat_act", "act_bits=4", "state_bits=4", "bits=2"))
     base = run_spec(composed("quant=qat", "act_bits=4", "state_bits=4", "bits=2"))
-    assert spec.recipe.method == "qat" and (spec.recipe.act_bits, spec.recipe.state_bits) == (4, 4)
-    assert spec.recipe.options["learning_rate"] == 0.001 and spec.recipe.options["epochs"] == 20
-    assert {k: v for k, v in spec.recipe.options.items() if k not in ("learning_rate", "epochs")} == \
-        {k: v for k, v in base.recipe.options.items() if k not in ("learning_rate", "epochs")}
+    assert spec.recipe.method == "qat" and spec.recipe.bits == BitWidths(2, 4, 4)
+    assert spec.recipe.options.learning_rate == 0.001 and spec.recipe.options.epochs == 20
+    assert dataclasses.replace(spec.recipe.options, learning_rate=1e-4, epochs=10) == base.recipe.options
+
+
+def test_every_preset_names_a_registered_recipe_and_every_recipe_has_a_preset():
+    methods = {run_spec(composed(f"quant={name}")).recipe.method for name in QUANT_PRESETS}
+    assert methods == set(RECIPES)
 
 
 def test_data_groups_compose():
     assert run_spec(composed("data=kws12")).data.task == "kws12"
     fsdd = run_spec(composed("data=fsdd"))
-    assert fsdd.data.name == "fsdd" and fsdd.data.root.endswith("shared/data/fsdd")
+    assert fsdd.data.name == "fsdd" and fsdd.data.root.endswith("shared/data/fsdd") and fsdd.data.task is None
     assert run_spec(composed("data=folder", "data.root=/x")).data.name == "folder"
     assert logger_spec(composed("logger=none")).mode == "disabled"
 
@@ -74,14 +84,36 @@ def test_data_root_from_environment(monkeypatch):
     assert run_spec(composed()).data.root == "/elsewhere/speech_commands_v2_test"
 
 
+CONFIG_SPECS = [DataSpec, FeatureSpec, ModelSpec, TrainSpec, LoggerSpec, PredictSpec, BitWidths] + \
+    sorted({r.options_type for r in RECIPES.values()}, key=lambda c: c.__name__)
+
+
+@pytest.mark.parametrize("cls", CONFIG_SPECS, ids=lambda c: c.__name__)
+def test_defaults_live_in_the_yaml_only(cls):
+    """A spec built from the config has no default of its own that could disagree with conf/."""
+    with_default = [f.name for f in dataclasses.fields(cls)
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    assert not with_default, f"{cls.__name__} has code defaults for {with_default}: put them in conf/ only"
+
+
 @pytest.mark.parametrize("override,needle", [("bits=1", "bits=1 is not allowed: expected an integer 2..16"),
                                              ("bits=17", "bits=17"), ("bits=abc", "bits='abc'"),
-                                             ("act_bits=0", "act_bits=0"), ("seed=-1", "seed=-1"),
+                                             ("act_bits=0", "act_bits=0"), ("state_bits=4.5", "state_bits=4.5"),
+                                             ("seed=-1", "seed=-1"), ("verbose=5", "verbose=5"),
                                              ("trainer.epochs=0", "trainer.epochs=0"),
+                                             ("trainer.learning_rate=abc", "trainer.learning_rate='abc'"),
+                                             ("trainer.learning_rate=inf", "trainer.learning_rate=inf"),
+                                             ("model.dropout=abc", "model.dropout='abc'"),
+                                             ("data.sample_rate=abc", "data.sample_rate='abc'"),
+                                             ("data.clip_seconds=abc", "data.clip_seconds='abc'"),
+                                             ("features.mel_bins=abc", "features.mel_bins='abc'"),
+                                             ("features.log_offset=abc", "features.log_offset='abc'"),
+                                             ("predict.calib=test", "predict.calib='test'"),
                                              ("logger.mode=cloud", "logger.mode='cloud'"),
-                                             ("+data.colour=red", "data.colour is not a setting")])
+                                             ("+data.colour=red", "data.colour is not a setting"),
+                                             ("~trainer.patience", "trainer.patience is missing")])
 def test_bad_values_give_one_line_errors(override, needle):
-    with pytest.raises(ConfigError, match=needle) as e:
+    with pytest.raises(ConfigError, match=re.escape(needle)) as e:
         cfg = composed(override)
         run_spec(cfg), logger_spec(cfg)
     assert "\n" not in str(e.value)
@@ -98,10 +130,60 @@ def test_bad_values_give_one_line_errors(override, needle):
     ("quant=qat quant.epochs=0", "quant.epochs=0 is not allowed"),
     ("quant=qat_act quant.learning_rate=-1", "quant.learning_rate=-1 is not allowed"),
     ("quant=tflite_int8 quant.int8_io=2", "quant.int8_io=2 is not allowed: expected true or false"),
-    ("quant=tflite_int8 +quant.colour=red", "quant.colour is not an option of quant.method=tflite_int8")])
+    ("quant=tflite_int8 +quant.colour=red", "quant.colour is not an option of quant.method=tflite_int8"),
+    ("quant.method=ptq_fancy", "quant.method='ptq_fancy' is not allowed: expected one of"),
+    # combinations that only a rule across settings catches
+    ("quant=ptq quant.narrow_range=true", "narrow_range=True is not allowed with scheme='asymmetric'"),
+    ("quant=qat_tfmot state_bits=4", "state_bits=4 is not allowed with quant.method=qat_tfmot"),
+    ("quant=qat_tfmot quant.progressive_bits=[8]", "quant.progressive_bits=[8] is not allowed with quant.method="),
+    ("quant=qat_lsq quant.progressive_bits=[3] bits=4", "quant.progressive_bits=[3] is not allowed: expected bit"),
+    ("quant=ptq bits=4 act_bits=1", "act_bits=1 is not allowed")])
 def test_bad_quant_options_fail_before_any_training(override, needle):
     """Shared and recipe-specific quantization options are checked when the config is read, with a
     one-line error naming the key, not after the float model has been trained."""
     with pytest.raises(ConfigError, match=re.escape(needle)) as e:
         run_spec(composed(*override.split()))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("preset", [p for p in QUANT_PRESETS if p != "qat_tfmot"])
+@pytest.mark.parametrize("bits", [["bits=2"], ["bits=8", "act_bits=8"], ["bits=4", "act_bits=8", "state_bits=4"]])
+def test_every_preset_is_valid_at_every_bit_width(preset, bits):
+    assert run_spec(composed(f"quant={preset}", *bits)).recipe.bits.bits == int(bits[0].split("=")[1])
+
+
+def _bad_values(value):
+    """Values of the wrong kind or range for a setting whose shipped value is `value`."""
+    if isinstance(value, bool):
+        return ["maybe", 2]
+    if isinstance(value, (int, float)) or value is None:
+        return ["abc", -1, float("nan")]
+    if isinstance(value, str):
+        return ["nonsense", 3]
+    if isinstance(value, list):
+        return [["x"], "abc"]
+    raise AssertionError(f"no bad value known for {value!r}")
+
+
+def _cases():
+    for preset in QUANT_PRESETS:
+        cfg = composed(f"quant={preset}")
+        for key, value in cfg["quant"].items():
+            if key != "method":
+                yield pytest.param(preset, cfg, key, value, id=f"{preset}-{key}")
+
+
+@pytest.mark.parametrize("preset,cfg,key,value", list(_cases()))
+def test_every_option_of_every_preset_is_checked(preset, cfg, key, value):
+    """Every option of every conf/quant preset refuses values of the wrong kind or range, and cannot
+    be left out."""
+    for bad in _bad_values(value):
+        broken = copy.deepcopy(cfg)
+        broken["quant"][key] = bad
+        with pytest.raises(ConfigError, match=re.escape(f"quant.{key}=")) as e:
+            run_spec(broken)
+        assert "\n" not in str(e.value)
+    missing = copy.deepcopy(cfg)
+    del missing["quant"][key]
+    with pytest.raises(ConfigError, match=re.escape(f"quant.{key} is missing")):
+        run_spec(missing)

@@ -1,11 +1,19 @@
+"""Data sets: speaker-disjoint splits, the study's label folding, FSDD's official split, WAV reading,
+your own folder of clips, and bad files and settings."""
 import shutil
 
 import numpy as np
 import pytest
 import soundfile
 
-from qat import ConfigError
-from qat.data import SPLITS, DataSpec, list_files, load_waveforms, read_wav, speaker_of, split_of
+from qat.data.datasets import SPLITS, list_files, load_waveforms, read_wav, speaker_of, split_of
+from qat.errors import ConfigError, DataError
+from tests import specs
+
+
+def DataSpec(option="speech_commands", /, **changes):
+    """conf/data/<option>.yaml with these changes."""
+    return specs.data(option, **changes)
 
 
 @pytest.mark.parametrize("task,n_classes", [("seed", 3), ("kws12", 12)])
@@ -49,7 +57,7 @@ def test_unsalted_rule_sends_the_canonical_test_archive_to_test(speech_commands_
 
 
 def test_fsdd_official_split(fsdd_root):
-    files = list_files(DataSpec(name="fsdd", root=str(fsdd_root)))
+    files = list_files(DataSpec("fsdd", root=str(fsdd_root)))
     assert files.class_names == [str(d) for d in range(10)]
     take = lambda p: int(p.rsplit("_", 1)[1].split(".")[0])
     assert len(files.files["test"]) == 300 and all(take(p) <= 4 for p in files.files["test"])
@@ -87,13 +95,13 @@ def test_folder_dataset_and_bad_files(speech_commands_root, tmp_path):
     _folder_dataset(root, speech_commands_root, n=40)
     (root / "yes" / "zz_corrupt.wav").write_bytes(b"RIFF\x00\x00not a wav at all")
     (root / "no" / "zz_empty.wav").write_bytes(b"")
-    spec = DataSpec(name="folder", root=str(root))
+    spec = DataSpec("folder", root=str(root))
     files = list_files(spec)
     assert files.class_names == ["no", "yes"]
     paths = [p for s in SPLITS for p in files.files[s]]
-    with pytest.raises(ConfigError, match="zz_(corrupt|empty).wav"):
+    with pytest.raises(DataError, match="zz_(corrupt|empty).wav"):
         load_waveforms(paths, spec)
-    waves, kept = load_waveforms(paths, DataSpec(name="folder", root=str(root), on_bad_file="skip"))
+    waves, kept = load_waveforms(paths, DataSpec("folder", root=str(root), on_bad_file="skip"))
     assert (~kept).sum() == 2 and len(waves) == len(paths) - 2
 
 
@@ -104,7 +112,10 @@ def test_missing_root_says_where_it_looked(tmp_path):
 
 @pytest.mark.parametrize("kwargs,needle", [({"name": "mnist"}, "data.name='mnist'"),
                                            ({"task": "kws35"}, "data.task='kws35'"),
+                                           ({"task": None}, "data.task=None is not allowed with data.name=speech"),
                                            ({"on_bad_file": "ignore"}, "data.on_bad_file"),
+                                           ({"sample_rate": "abc"}, "data.sample_rate='abc'"),
+                                           ({"clip_seconds": "abc"}, "data.clip_seconds='abc'"),
                                            ({"val_percent": 60, "test_percent": 50}, "val_percent")])
 def test_bad_data_spec(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):

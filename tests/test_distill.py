@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from qat.distill import Distiller, soft_cross_entropy
+from qat.training.distill import Distiller, soft_cross_entropy
 
 
 def _softmax(z):

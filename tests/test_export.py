@@ -1,12 +1,15 @@
+"""Packed b-bit files (bit packing, a whole model written and read back bit-identically) and the
+TFLite modes through the stock interpreter."""
 import numpy as np
 import pytest
+import tf_keras as keras
 
-from qat import ConfigError
-from qat.export import (load_packed_model, pack_bits, read_packed, tflite_model, unpack_bits,
-                        write_packed_model)
-from qat.models import ModelSpec, build_model
-from qat.quantize import freeze_ranges, quantize_model, quantized_weights
-from qat.recipes import QuantOptions, RecipeSpec
+from qat.errors import DataError
+from qat.export.packed import load_packed_model, pack_bits, read_packed, unpack_bits, write_packed_model
+from qat.export.tflite import tflite_model
+from qat.layers.model import freeze_ranges, quantize_model, quantized_weights
+from qat.training.models import build_model
+from tests import specs
 
 
 @pytest.mark.parametrize("bits", range(2, 17))
@@ -25,18 +28,20 @@ def test_pack_rejects_codes_that_do_not_fit():
 
 @pytest.fixture(scope="module")
 def small_model():
-    import tf_keras as keras
-
     keras.utils.set_random_seed(0)
     mean, var = np.full(20, 0.5, np.float32), np.full(20, 2.0, np.float32)
-    return build_model((7, 20), 4, ModelSpec(units=8), mean, var)
+    return build_model((7, 20), 4, specs.model(units=8), mean, var)
+
+
+def _config(bits, granularity):
+    recipe = specs.recipe("ptq_seed", f"bits={bits}", f"quant.granularity={granularity}")
+    return recipe.options.quant_config(recipe.bits)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 def test_packed_model_is_bit_identical(small_model, tmp_path, bits, granularity):
-    spec = RecipeSpec(method="ptq", bits=bits)
-    qmodel = quantize_model(small_model, QuantOptions(granularity=granularity).quant_config(spec))
+    qmodel = quantize_model(small_model, _config(bits, granularity))
     freeze_ranges(qmodel)       # deployment: the ranges are part of the exported model
     path = tmp_path / "m.qlstm"
     size = write_packed_model(qmodel, str(path))
@@ -48,7 +53,7 @@ def test_packed_model_is_bit_identical(small_model, tmp_path, bits, granularity)
     n_weights = sum(q.codes.size for q in quantized_weights(qmodel).values())
     assert size < n_weights * bits / 8 + 4096                          # b bits a weight plus a small header
 
-    fresh = quantize_model(small_model, QuantOptions(granularity=granularity).quant_config(spec))
+    fresh = quantize_model(small_model, _config(bits, granularity))
     for v in fresh.weights:                                            # scramble, then reload from the file
         v.assign(np.random.default_rng(1).normal(size=v.shape).astype(np.float32))
     load_packed_model(fresh, str(path))
@@ -58,10 +63,8 @@ def test_packed_model_is_bit_identical(small_model, tmp_path, bits, granularity)
 
 def test_not_a_packed_file(tmp_path):
     (tmp_path / "x").write_bytes(b"hello")
-    from qat.export import read_packed as rp
-
-    with pytest.raises(ConfigError, match="not a packed weight file"):
-        rp(str(tmp_path / "x"))
+    with pytest.raises(DataError, match="not a packed weight file"):
+        read_packed(str(tmp_path / "x"))
 
 
 @pytest.mark.parametrize("mode,tol", [("float16", 1e-2), ("dynamic", 5e-2), ("int8", 0.15)])
@@ -83,5 +86,5 @@ def test_tflite_int8_io(small_model):
     model, _ = tflite_model(small_model, "int8", representative=x, int8_io=True)
     assert model.inp["dtype"] == np.int8 and model.out["dtype"] == np.int8
     assert np.abs(model.predict(x) - small_model.predict(x, verbose=0)).max() < 0.2
-    with pytest.raises(ConfigError, match="representative"):
+    with pytest.raises(DataError, match="representative"):
         tflite_model(small_model, "int8")

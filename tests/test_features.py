@@ -1,11 +1,20 @@
+"""The front end against a numpy STFT oracle, its options, and the feature cache."""
 import numpy as np
 import pytest
 import soundfile
+from scipy.signal import resample_poly
 
-import qat.features
-from qat import ConfigError
-from qat.data import SPLITS, DataSpec
-from qat.features import FeatureSpec, compute_features, load_features, normalization_stats
+import qat.data.features
+from qat.data.datasets import SPLITS
+from qat.data.features import compute_features, load_features, normalization_stats
+from qat.errors import ConfigError
+from tests import specs
+
+STFT = specs.features()          # the study's front end (conf/features/stft.yaml)
+
+
+def FeatureSpec(**changes):
+    return specs.features(**changes) if changes else STFT
 
 
 def numpy_stft_magnitude(x, frame_length=480, frame_step=320, fft_length=512):
@@ -41,8 +50,6 @@ def test_log_and_mel_options():
 def test_log_floor_is_relative_to_each_clips_peak(floor_db):
     """Numpy oracle: log(max(x, peak_of_clip * 10^(-dB/20)) + offset); a silent tail and the empty
     upper bands of 8 kHz audio upsampled to 16 kHz all sit exactly on the floor."""
-    from scipy.signal import resample_poly
-
     rng = np.random.default_rng(0)
     wave = np.zeros((2, 16000), np.float32)
     wave[0, :8000] = resample_poly(rng.normal(size=4000), 2, 1)          # band-limited, then silence
@@ -67,14 +74,14 @@ def test_normalization_stats_are_per_frequency():
 
 
 def test_features_are_cached(speech_commands_root, cache_dir, monkeypatch):
-    data = DataSpec(root=str(speech_commands_root), limit_per_class=15)
+    data = specs.data(root=str(speech_commands_root), limit_per_class=15)
     first = load_features(data, FeatureSpec(), cache_dir)
     assert first.x["train"].shape[1:] == (49, 257) and first.hop_ms == 20.0
 
     def no_recompute(*args, **kwargs):
         raise AssertionError("features were recomputed although they are cached")
 
-    monkeypatch.setattr(qat.features, "compute_features", no_recompute)
+    monkeypatch.setattr(qat.data.features, "compute_features", no_recompute)
     second = load_features(data, FeatureSpec(), cache_dir)
     for s in SPLITS:
         np.testing.assert_array_equal(first.x[s], second.x[s])

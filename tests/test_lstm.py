@@ -1,15 +1,16 @@
 """QLSTM: exactly the Keras LSTM when quantization is off, and exactly "an LSTM with fake-quantized
 weights / activations" when it is on (checked against Keras with pre-quantized weights and against a
 numpy LSTM with the quantizers written out)."""
-from qat import ConfigError
-
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from qat.lstm import GATES, QLSTM
-from qat.quantizers import QuantSpec, fake_quant_np, qparams
+from qat.errors import ConfigError
+from qat.layers.lstm import GATES, QLSTM
+from qat.quant.quantizers import LSQ, concat_params
+from qat.quant.reference import fake_quant_np, qparams
+from qat.quant.spec import QuantSpec
 
 T, F, U, B = 12, 10, 8, 5
 
@@ -166,11 +167,9 @@ def test_gates_from_one_sigmoid_equal_the_four_activations_with_gradients(granul
 def test_one_fake_quant_for_the_four_gates_equals_four(granularity):
     """The time loop quantizes the concatenated gates in one op (`concat_params`): same values and, for
     learned step sizes, the same gradients for every gate's scale and offset as four separate ops."""
-    from qat.quantizers import bound_quant, concat_params
-
     x = _x(9)
     spec = QuantSpec(4, granularity=granularity)
-    q = QLSTM.from_float(_float_lstm(x), {"gate": spec}, learned=True)
+    q = QLSTM.from_float(_float_lstm(x), {"gate": spec}, LSQ)
     q(x)
     rng = np.random.default_rng(9)
     gates = [q.activation_quantizers[g] for g in GATES]
@@ -180,9 +179,8 @@ def test_one_fake_quant_for_the_four_gates_equals_four(granularity):
     v = tf.constant(rng.uniform(-0.6, 1.1, size=(B, 4 * U)).astype(np.float32))
     weights = [w for aq in gates for w in (aq.scale, aq.offset)]
     with tf.GradientTape(persistent=True) as tape:
-        joint = bound_quant(gates[0].kind, *concat_params(gates, U))(v)
-        apart = tf.concat([bound_quant(aq.kind, *aq.params())(p) for aq, p in zip(gates, tf.split(v, 4, axis=1))],
-                          axis=1)
+        joint = gates[0].kind.bind(*concat_params(gates, U))(v)
+        apart = tf.concat([aq.kind.bind(*aq.params())(p) for aq, p in zip(gates, tf.split(v, 4, axis=1))], axis=1)
         probe = tf.constant(rng.normal(size=(B, 4 * U)).astype(np.float32))
         loss_joint, loss_apart = tf.reduce_sum(joint * probe), tf.reduce_sum(apart * probe)
     np.testing.assert_array_equal(joint.numpy(), apart.numpy())
@@ -191,22 +189,26 @@ def test_one_fake_quant_for_the_four_gates_equals_four(granularity):
     assert max(float(np.abs(g.numpy()).max()) for g in tape.gradient(loss_joint, weights)) > 0
 
 
-def test_calibration_values_cover_every_quantization_point():
+def test_calibration_values_cover_every_quantization_point_and_bypass_activation_quantizers():
     x = _x(6)
     q = _twin(_float_lstm(x), x, input=QuantSpec(8), gate=QuantSpec(8), state=QuantSpec(8))
+    for aq in q.activation_quantizers.values():      # calibrated ranges must not change what calibration sees
+        aq.set_range(-0.1, 0.1)
     vals = {k: v.numpy() for k, v in q.calibration_values(x).items()}
     assert set(vals) == set(q.activation_quantizers)
     assert vals["input"].shape == (B, T, F) and vals["state_h"].shape == (T, B, U)
     for g in ("gate_i", "gate_f", "gate_o"):
         assert 0 <= vals[g].min() and vals[g].max() <= 1
+    np.testing.assert_array_equal(vals["input"], x)
+    for aq in q.activation_quantizers.values():
+        aq.reset()
     np.testing.assert_allclose(np.transpose(vals["state_h"], (1, 0, 2)), q(x).numpy(), atol=1e-6)
 
 
 def test_learned_scales_are_trainable_and_get_gradients():
     x = _x(7)
     spec = QuantSpec(4, granularity="per_channel")
-    q = QLSTM.from_float(_float_lstm(x), {"kernel": spec, "recurrent_kernel": spec, "state": QuantSpec(8)},
-                         learned=True)
+    q = QLSTM.from_float(_float_lstm(x), {"kernel": spec, "recurrent_kernel": spec, "state": QuantSpec(8)}, LSQ)
     q(x)
     q.copy_float_weights(_float_lstm(x))
     q.activation_quantizers["state_h"].set_range(-1.0, 1.0)
@@ -231,10 +233,10 @@ def test_dropout_is_active_only_in_training():
 
 def test_config_round_trip():
     q = QLSTM(U, return_sequences=True, kernel_quant=QuantSpec(3, granularity="per_channel"),
-              gate_quant=QuantSpec(8, scheme="symmetric"), learned=True, name="lstm")
+              gate_quant=QuantSpec(8, scheme="symmetric"), quantizer="lsq", name="lstm")
     clone = QLSTM.from_config(q.get_config())
     assert clone.get_config() == q.get_config()
-    assert clone.specs["kernel"] == QuantSpec(3, granularity="per_channel")
+    assert clone.specs["kernel"] == QuantSpec(3, granularity="per_channel") and clone.strategy is LSQ
 
 
 @pytest.mark.parametrize("kwargs, match", [({"go_backwards": True}, "uses go_backwards"),
@@ -263,10 +265,6 @@ def test_input_dropout_matches_keras_statistics():
     """Training-mode input dropout must be the Keras LSTM's (a new mask at every time step): a model
     trained with Keras dropout is fine-tuned through QLSTM in QAT. One mask per sequence instead
     drops a feature for the whole utterance and gives a much larger output variance across calls."""
-    import tf_keras as keras
-
-    from qat.lstm import QLSTM
-
     keras.utils.set_random_seed(3)
     x = np.random.default_rng(0).normal(size=(256, 30, 12)).astype(np.float32)
     lstm = keras.layers.LSTM(16, return_sequences=True, dropout=0.5)

@@ -1,13 +1,15 @@
+"""The float model's shapes and spec checks, and the classification figures by hand."""
 import numpy as np
 import pytest
 
-from qat import ConfigError
+from qat.errors import ConfigError
 from qat.metrics import classification_report, confusion_matrix
-from qat.models import ModelSpec, build_model
+from qat.training.models import build_model
+from tests import specs
 
 
 def test_study_model_shapes_and_size():
-    model = build_model((49, 257), 3)
+    model = build_model((49, 257), 3, specs.model())
     assert [l.name for l in model.layers] == ["features", "lstm", "flatten", "dense"]
     assert model.output_shape == (None, 3)
     units, inputs = 80, 257
@@ -20,15 +22,15 @@ def test_study_model_shapes_and_size():
 
 def test_stacked_model_with_normalization():
     mean, var = np.arange(257, dtype=np.float32), np.ones(257, np.float32)
-    model = build_model((49, 257), 12, ModelSpec(units=32, layers=2, dropout=0.1), mean, var)
+    model = build_model((49, 257), 12, specs.model(units=32, layers=2, dropout=0.1), mean, var)
     assert [l.name for l in model.layers] == ["features", "normalize", "lstm", "lstm_1", "flatten", "dropout", "dense"]
     assert model.get_layer("lstm_1").output_shape == (None, 49, 32)
 
 
-@pytest.mark.parametrize("kwargs", [{"units": 0}, {"layers": 0}, {"dropout": 1.0}])
+@pytest.mark.parametrize("kwargs", [{"units": 0}, {"layers": 0}, {"dropout": 1.0}, {"dropout": "abc"}])
 def test_bad_model_spec(kwargs):
     with pytest.raises(ConfigError, match="model."):
-        ModelSpec(**kwargs)
+        specs.model(**kwargs)
 
 
 def test_classification_report_by_hand():

@@ -10,18 +10,23 @@ import sys
 import numpy as np
 import pytest
 
-from qat import ConfigError
-from qat.data import DataSpec
-from qat.experiment import RunSpec, train_float
-from qat.features import FeatureSpec, load_features
-from qat.models import ModelSpec
-from qat.predict import (PredictSpec, calibration_set, config_variance, drop_table, packed_size, predict_drop,
+import itertools
+
+import tensorflow as tf
+from omegaconf import OmegaConf
+
+from qat.algorithms.predict import (calibration_set, config_variance, drop_table, packed_size, predict_drop,
                          predict_run, predict_summary, probability_correct, propose_mixed, sensitivity,
                          weight_config)
-from qat.quantize import QuantConfig, weight_tensor_names
-from qat.quantizers import QuantSpec
+from qat.data.features import load_features
+from qat.errors import ConfigError, DataError
+from qat.experiment import train_float
+from qat.layers.model import QuantConfig, weight_tensor_names
+from qat.quant.spec import QuantSpec
 from qat.tracking import Tracker
-from qat.training import TrainSpec
+from qat.training.checkpoints import save_model_dir
+from qat.training.models import build_model
+from tests import specs
 from tests.conftest import FSDD, REPO
 
 LIMIT, UNITS, EPOCHS = 60, 16, 6     # FSDD, 60 clips per digit: ~92 % validation accuracy in ~10 s
@@ -32,18 +37,17 @@ def trained(tmp_path_factory):
     if not FSDD.is_dir():
         pytest.skip(f"real speech data not found at {FSDD}")
     cache = str(tmp_path_factory.mktemp("cache"))
-    feats = load_features(DataSpec(name="fsdd", root=str(FSDD), limit_per_class=LIMIT), FeatureSpec(), cache)
-    model, _ = train_float(RunSpec(model=ModelSpec(units=UNITS), trainer=TrainSpec(epochs=EPOCHS, batch_size=32)),
-                           feats, Tracker())
+    run = specs.run("data=fsdd", f"data.root={FSDD}", f"data.limit_per_class={LIMIT}", "features=stft",
+                    f"model.units={UNITS}", "trainer=default", f"trainer.epochs={EPOCHS}", "trainer.batch_size=32")
+    feats = load_features(run.data, run.features, cache)
+    model, _ = train_float(run, feats, Tracker())
     x, y = calibration_set(feats.x["train"], feats.y["train"], 128, 0)
     return model, feats, cache, sensitivity(model, x, y), (x, y)
 
 
 def _keras_margins(model, x, y, rivals):
     """Logit margins from the Keras model's own softmax output: log p_y - log p_k (the per-clip
-    normaliser cancels), independent of qat.predict's unrolled forward."""
-    import tensorflow as tf
-
+    normaliser cancels), independent of qat.algorithms.predict's unrolled forward."""
     logp = tf.math.log(model(x, training=False))
     idx = np.arange(len(y))
     return tf.gather_nd(logp, np.stack([idx, y], 1)) - tf.gather_nd(logp, np.stack([idx, rivals], 1))
@@ -65,8 +69,6 @@ def _variables(model):
 
 def _check_against_keras(model, x, y, sens, rivals, variables, clips, margin_abs, grad_atol=0.0):
     """Margins and per-clip squared gradients of `sens` against a tf.GradientTape through Keras."""
-    import tensorflow as tf
-
     for i in clips:
         with tf.GradientTape() as tape:
             m = _keras_margins(model, x[i:i + 1], y[i:i + 1], rivals[i:i + 1])[0]
@@ -88,12 +90,9 @@ def test_per_clip_squared_gradients_match_keras(trained):
 def test_stacked_lstm_with_normalization_and_dropout():
     """The unrolled forward follows the other model shapes build_model makes (normalisation layer,
     2 LSTM layers, dropout): logits and per-clip squared gradients against Keras's own."""
-
-    from qat.models import build_model
-
     rng = np.random.default_rng(3)
     x = rng.random((6, 12, 10)).astype(np.float32)
-    model = build_model((12, 10), 4, ModelSpec(units=8, layers=2, dropout=0.2), x.reshape(-1, 10).mean(0),
+    model = build_model((12, 10), 4, specs.model(units=8, layers=2, dropout=0.2), x.reshape(-1, 10).mean(0),
                         x.reshape(-1, 10).var(0) + 1e-3)
     y = rng.integers(0, 4, 6)
     sens = sensitivity(model, x, y, competitors=3)
@@ -166,8 +165,6 @@ def test_predicted_drop_falls_with_bits_and_vanishes_at_16(trained):
 
 
 def test_mixed_proposal_is_the_smallest_within_budget(trained):
-    import itertools
-
     _, _, _, sens, _ = trained
     bits = (2, 4, 8)
     budget = 0.5 * (drop_table(sens, [2], ["per_tensor"])[0]["predicted_drop"]
@@ -198,38 +195,41 @@ def test_mixed_proposal_is_the_smallest_within_budget(trained):
 
 def test_run_report_verifies_the_proposal_on_test(trained):
     model, feats, _, _, _ = trained
-    r = predict_run(model, feats, PredictSpec(n_calib=64, bits=(3, 4, 8)), max_drop=5.0)
+    r = predict_run(model, feats, specs.predict(n_calib=64, bits=(3, 4, 8)), max_drop=5.0)
     assert [row["bits"] for row in r["table"]] == [3, 3, 4, 4, 8, 8]
     v = r["verified"]
     assert v["drop"] == pytest.approx(100 * (v["float_acc"] - v["quant_acc"]))
     assert r["proposal"].predicted_drop <= 5.0
 
 
-def test_ptq_summary_keys(trained):
-    from qat.recipes import QuantOptions, RecipeSpec
+def _quant_config(*overrides):
+    recipe = specs.recipe("ptq_seed", *overrides)
+    return recipe.options.quant_config(recipe.bits)
 
+
+def test_ptq_summary_keys(trained):
     model, feats, _, _, _ = trained
-    spec = PredictSpec(calib="train", n_calib=128)
-    cfg = QuantOptions().quant_config(RecipeSpec(method="ptq_seed", bits=3))
-    out = predict_summary(model, feats, cfg, 0, spec)
+    spec = specs.predict(calib="train", n_calib=128)
+    cfg = _quant_config("bits=3")
+    out = predict_summary(model, feats, cfg, spec, 0)
     assert out["predict/weights_only"] is False and out["predict/calibration_clips"] == 128
     x, y = calibration_set(feats.x["train"], feats.y["train"], 128, 0)
     assert out["predict/degradation"] == pytest.approx(predict_drop(model, x, y, cfg), abs=1e-6)
-    with_acts = QuantOptions().quant_config(RecipeSpec(method="ptq_seed", bits=3, act_bits=8))
-    out = predict_summary(model, feats, with_acts, 0, spec)
+    with_acts = _quant_config("bits=3", "act_bits=8")
+    out = predict_summary(model, feats, with_acts, spec, 0)
     assert out["predict/weights_only"] is True
     assert out["predict/degradation"] == pytest.approx(predict_drop(model, x, y, cfg), abs=1e-6)
 
 
 def test_bad_input_is_a_config_error(trained):
     model, _, _, sens, (x, y) = trained
-    with pytest.raises(ConfigError, match="never used"):
-        PredictSpec(calib="test")
+    with pytest.raises(ConfigError, match=r"predict.calib='test' is not allowed: expected one of val, train"):
+        specs.predict(calib="test")
     with pytest.raises(ConfigError, match="weight quantization only"):
         config_variance(sens, QuantConfig(weights=QuantSpec(4), inputs=QuantSpec(8)))
     with pytest.raises(ConfigError, match="override"):
         config_variance(sens, QuantConfig(weights=QuantSpec(4), overrides={"lstm/nope": QuantSpec(3)}))
-    with pytest.raises(ConfigError, match="labels"):
+    with pytest.raises(DataError, match="labels"):
         sensitivity(model, x, y[:3])
     with pytest.raises(ConfigError, match="max_drop"):
         propose_mixed(sens, "one")
@@ -238,19 +238,12 @@ def test_bad_input_is_a_config_error(trained):
 @pytest.mark.slow
 def test_evaluate_predict_only(trained, tmp_path):
     """`python evaluate.py run_dir=... predict_only=true max_drop=...` on a saved run folder."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from qat.checkpoints import save_model_dir
-
     model, feats, cache, _, _ = trained
     run_dir = tmp_path / "run"
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=study", "data=fsdd", f"data.root={FSDD}", f"data.limit_per_class={LIMIT}",
-                                           f"model.units={UNITS}", f"trainer.epochs={EPOCHS}", f"cache_dir={cache}",
-                                           "logger=none"])
+    cfg = specs.composed("experiment=study", "data=fsdd", f"data.root={FSDD}", f"data.limit_per_class={LIMIT}",
+                         f"model.units={UNITS}", f"trainer.epochs={EPOCHS}", f"cache_dir={cache}", "logger=none")
     (run_dir / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
+    OmegaConf.save(OmegaConf.create(cfg), run_dir / ".hydra" / "config.yaml")
     save_model_dir(model, {"epochs": EPOCHS}, run_dir / "float")
     (run_dir / "summary.json").write_text(json.dumps({"method": "none", "bits": 4}))
     proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), f"run_dir={run_dir}", "predict_only=true",

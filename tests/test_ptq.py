@@ -1,14 +1,22 @@
+"""Post-training quantization: the study's formula, bias correction, the search over estimator and
+rounding, and rounding refinement, on a small model trained on real clips."""
+import dataclasses
+
 import numpy as np
 import pytest
 
-from qat.data import DataSpec
-from qat.experiment import RunSpec, train_float
-from qat.features import FeatureSpec, load_features
-from qat.models import ModelSpec
-from qat.ptq import bias_correct, calibration_clips
-from qat.quantize import quantize_model, quantized_weights
-from qat.recipes import QuantOptions, RecipeSpec, float_weight, weight_report
+from qat.algorithms.bias_correction import bias_correct
+from qat.algorithms.calibration import calibration_clips
+from qat.algorithms.report import weight_report
+from qat.algorithms.rounding import refine_rounding
+from qat.data.features import load_features
+from qat.errors import ConfigError
+from qat.experiment import train_float
+from qat.layers.model import float_weight, freeze_ranges, quantize_model, quantized_weights
+from qat.recipes.ptq import quantize_weights, validation_loss
 from qat.tracking import Tracker
+from tests import specs
+from tests.conftest import SPEECH_COMMANDS
 
 
 def study_formula(w, b):
@@ -21,23 +29,25 @@ def study_formula(w, b):
     return scale * (q - zp)
 
 
+def quant_config(method, *overrides):
+    recipe = specs.recipe(method, *overrides)
+    return recipe.options.quant_config(recipe.bits)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from tests.conftest import SPEECH_COMMANDS
-
     if not SPEECH_COMMANDS.is_dir():
         pytest.skip(f"real speech data not found at {SPEECH_COMMANDS}")
-    feats = load_features(DataSpec(root=str(SPEECH_COMMANDS), limit_per_class=60), FeatureSpec(),
-                          str(tmp_path_factory.mktemp("cache")))
-    model, _ = train_float(RunSpec(model=ModelSpec(units=24), trainer=__import__("qat.training").training.TrainSpec(
-        epochs=3, batch_size=32)), feats, Tracker())
+    run = specs.run(f"data.root={SPEECH_COMMANDS}", "data.limit_per_class=60", "features=stft", "model.units=24",
+                    "trainer=default", "trainer.epochs=3", "trainer.batch_size=32")
+    feats = load_features(run.data, run.features, str(tmp_path_factory.mktemp("cache")))
+    model, _ = train_float(run, feats, Tracker())
     return model, feats
 
 
 def test_ptq_seed_is_the_studys_formula(trained):
     model, _ = trained
-    spec = RecipeSpec(method="ptq_seed", bits=4)
-    qmodel = quantize_model(model, QuantOptions().quant_config(spec))
+    qmodel = quantize_model(model, quant_config("ptq_seed", "bits=4"))
     report = weight_report(model, qmodel)
     assert set(report) == {"lstm/kernel", "lstm/recurrent_kernel", "lstm/bias", "dense/kernel", "dense/bias"}
     for name, q in quantized_weights(qmodel).items():
@@ -51,8 +61,8 @@ def test_ptq_seed_is_the_studys_formula(trained):
 
 def test_bias_correction_restores_mean_pre_activation(trained):
     model, feats = trained
-    spec = RecipeSpec(method="ptq", bits=3)
-    qmodel = quantize_model(model, QuantOptions(granularity="per_channel", bias=False).quant_config(spec))
+    qmodel = quantize_model(model, quant_config("ptq_seed", "bits=3", "quant.granularity=per_channel",
+                                                "quant.bias=false"))
     x = calibration_clips(feats.x["train"], 64, 0)
     flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
     w, b = float_weight(model, "lstm/kernel"), float_weight(model, "lstm/bias")
@@ -70,44 +80,30 @@ def test_bias_correction_restores_mean_pre_activation(trained):
 def test_search_keeps_the_candidate_with_the_lowest_validation_loss(trained, tmp_path):
     """`quant.search`: the four estimator x rounding candidates are all scored on validation loss,
     the kept one has the lowest, and the exported model is that candidate (recomputed here alone)."""
-    from qat.ptq import quantize_weights, validation_loss
-    from qat.recipes import run_recipe
-
     model, feats = trained
-    spec = RecipeSpec(method="ptq", bits=2, options={"granularity": "per_channel", "gptq": True,
-                                                     "bias_correction": True, "search": True,
-                                                     "calibration_size": 64})
-    s = run_recipe(spec, model, feats, None, 0, tmp_path, Tracker()).summary
+    recipe = specs.recipe("ptq", "bits=2", "quant.calibration_size=64", "quant.refine_epochs=0")
+    s = recipe.run(specs.context(model, feats, recipe, tmp_path)).summary
     losses = {k.split("/")[2]: v for k, v in s.items() if k.startswith("ptq/search/")}
     assert set(losses) == {"minmax", "minmax+gptq", "mse", "mse+gptq"}
     chosen = s["ptq/estimator"] + ("+gptq" if s["ptq/gptq"] else "")
     assert losses[chosen] == min(losses.values())
-    alone, _ = quantize_weights(model, QuantOptions(granularity="per_channel", estimator=s["ptq/estimator"]), spec,
+    alone, _ = quantize_weights(model, dataclasses.replace(recipe.options, estimator=s["ptq/estimator"]), recipe.bits,
                                 calibration_clips(feats.x["train"], 64, 0), s["ptq/gptq"], 0.01, True)
     assert validation_loss(alone, feats) == pytest.approx(losses[chosen], rel=1e-6)
-    assert s["quant/levels_ok"]
+    assert s["quant/levels_ok"] and (tmp_path / "model_2bit.qlstm").exists()
 
 
 @pytest.mark.parametrize("name", ["search", "gptq", "bias_correction"])
-def test_ptq_switches_must_be_booleans(trained, tmp_path, name):
-    from qat import ConfigError
-    from qat.recipes import run_recipe
-
-    model, feats = trained
+def test_ptq_switches_must_be_booleans(name):
     with pytest.raises(ConfigError, match=f"quant.{name}='maybe' is not allowed: expected true or false"):
-        run_recipe(RecipeSpec(method="ptq", bits=4, options={name: "maybe"}), model, feats, None, 0, tmp_path,
-                   Tracker())
+        specs.recipe("ptq", f"quant.{name}=maybe")
 
 
 def test_rounding_refinement_only_moves_codes_to_the_other_neighbour_and_lowers_the_kl(trained):
     """`refine_rounding` (AdaRound's search space): every weight ends on the grid point just below or
     just above its float value, some codes change, and the calibration KL to the float model falls."""
-    from qat.ptq import refine_rounding
-    from qat.quantize import freeze_ranges
-
     model, feats = trained
-    spec = RecipeSpec(method="ptq", bits=3)
-    qmodel = quantize_model(model, QuantOptions(granularity="per_channel").quant_config(spec))
+    qmodel = quantize_model(model, quant_config("ptq_seed", "bits=3", "quant.granularity=per_channel"))
     freeze_ranges(qmodel)
     start = quantized_weights(qmodel)
     info = refine_rounding(model, qmodel, calibration_clips(feats.x["train"], 128, 0), epochs=8,
@@ -125,12 +121,8 @@ def test_rounding_refinement_only_moves_codes_to_the_other_neighbour_and_lowers_
 def test_rounding_refinement_is_dropped_when_it_does_not_lower_the_kl(trained):
     """A step far too large throws every shadow weight to an edge of its two cells (random rounding):
     the calibration KL rises, so the model is given back exactly as it was."""
-    from qat.ptq import refine_rounding
-    from qat.quantize import freeze_ranges
-
     model, feats = trained
-    qmodel = quantize_model(model, QuantOptions(granularity="per_channel").quant_config(RecipeSpec(method="ptq",
-                                                                                                  bits=4)))
+    qmodel = quantize_model(model, quant_config("ptq_seed", "bits=4", "quant.granularity=per_channel"))
     freeze_ranges(qmodel)
     start = [w.copy() for w in qmodel.get_weights()]
     info = refine_rounding(model, qmodel, calibration_clips(feats.x["train"], 64, 0), epochs=2,

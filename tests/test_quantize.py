@@ -1,15 +1,19 @@
 """Whole-model quantization: the twin is the float model with fake-quantized weights, trains with fit,
 keeps at most 2^b values per quantization group, calibrates, exports and survives save/load."""
-from qat import ConfigError
-
 import numpy as np
 import pytest
 import tf_keras as keras
 
-from qat.lstm import QLSTM
-from qat.models import ModelSpec, build_model
-from qat.quantize import QDense, QuantConfig, calibrate, quantize_model, quantized_weights, weight_tensor_names
-from qat.quantizers import QuantSpec, dequantize_np, estimate_range, fake_quant_np, qparams
+from qat.algorithms.calibration import calibrate
+from qat.errors import ConfigError, DataError
+from qat.layers.dense import QDense
+from qat.layers.lstm import QLSTM
+from qat.layers.model import QuantConfig, freeze_ranges, quantize_model, quantized_weights, weight_tensor_names
+from qat.quant.quantizers import LSQ, RANGE
+from qat.quant.reference import dequantize_np, estimate_range, fake_quant_np, qparams
+from qat.quant.spec import QuantSpec
+from qat.training.models import build_model
+from tests import specs
 
 SHAPE, N_CLASSES = (12, 16), 3
 NAMES = ["lstm/kernel", "lstm/recurrent_kernel", "lstm/bias", "dense/kernel", "dense/bias"]
@@ -23,7 +27,7 @@ def _data(n=48, seed=0):
 def _float_model(seed=0, **spec):
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
-    model = build_model(SHAPE, N_CLASSES, ModelSpec(units=8, **spec),
+    model = build_model(SHAPE, N_CLASSES, specs.model(units=8, **spec),
                         norm_mean=rng.normal(size=SHAPE[1]) * 0.1, norm_var=rng.uniform(0.5, 2, SHAPE[1]))
     model.get_layer("dense").bias.assign(rng.normal(size=N_CLASSES).astype(np.float32) * 0.1)
     return model
@@ -43,7 +47,7 @@ def _distinct_per_group(values, spec):
 
 def test_weight_tensor_names(float_model):
     assert weight_tensor_names(float_model) == NAMES
-    stacked = build_model(SHAPE, N_CLASSES, ModelSpec(units=4, layers=2))
+    stacked = build_model(SHAPE, N_CLASSES, specs.model(units=4, layers=2))
     assert weight_tensor_names(stacked)[:6] == ["lstm/kernel", "lstm/recurrent_kernel", "lstm/bias",
                                                 "lstm_1/kernel", "lstm_1/recurrent_kernel", "lstm_1/bias"]
     assert weight_tensor_names(quantize_model(float_model, QuantConfig())) == NAMES
@@ -79,7 +83,7 @@ def test_overrides_give_mixed_precision_and_unknown_names_are_rejected(float_mod
 
 
 @pytest.mark.parametrize("kwargs, match", [({"weights": 4}, r"QuantConfig.weights=4 is not allowed"),
-                                           ({"learned": "yes"}, "QuantConfig.learned='yes' is not allowed"),
+                                           ({"strategy": "lsq"}, "QuantConfig.strategy='lsq' is not allowed"),
                                            ({"overrides": {"lstm/kernel": 3}}, r"overrides\['lstm/kernel'\]=3")])
 def test_bad_quant_config_is_a_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -93,16 +97,17 @@ def test_unsupported_layers_are_config_errors():
         quantize_model(model, QuantConfig(weights=QuantSpec(4)))
 
 
-@pytest.mark.parametrize("learned, spec", [
-    (False, QuantSpec(3)),
-    (False, QuantSpec(4, granularity="per_channel", estimator="percentile", percentile=99.0)),
-    (True, QuantSpec(2, granularity="per_channel")),
-    (True, QuantSpec(4, scheme="symmetric")),
+@pytest.mark.parametrize("strategy, spec", [
+    (RANGE, QuantSpec(3)),
+    (RANGE, QuantSpec(4, granularity="per_channel", estimator="percentile", percentile=99.0)),
+    (LSQ, QuantSpec(2, granularity="per_channel")),
+    (LSQ, QuantSpec(4, scheme="symmetric")),
 ])
-def test_twin_trains_with_fit_and_keeps_2_to_the_b_values_per_group(tmp_path, learned, spec):
+def test_twin_trains_with_fit_and_keeps_2_to_the_b_values_per_group(tmp_path, strategy, spec):
+    learned = strategy is LSQ
     x, y = _data()
     float_model = _float_model(seed=1, dropout=0.1)
-    qmodel = quantize_model(float_model, QuantConfig(weights=spec, bias=spec, learned=learned))
+    qmodel = quantize_model(float_model, QuantConfig(weights=spec, bias=spec, strategy=strategy))
     before = {k: v.values.copy() for k, v in quantized_weights(qmodel).items()}
     qmodel.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
     hist = qmodel.fit(x, y, batch_size=16, epochs=2, verbose=0)
@@ -154,22 +159,23 @@ def test_calibrate_sets_activation_ranges_from_data(float_model):
     assert -1 <= dense_in.lo.numpy() < 0 < dense_in.hi.numpy() <= 1                # flattened h
     calibrated = qmodel.predict(x, verbose=0)
     assert 1e-5 < np.abs(calibrated - uncalibrated).max() < 0.05                   # 8 bits: small, not zero
-    with pytest.raises(ConfigError, match="calibrate got no batches"):
+    with pytest.raises(DataError, match="calibration got no batches"):
         calibrate(qmodel, [])
 
 
-@pytest.mark.parametrize("learned", [False, True])
-def test_save_and_load_give_identical_predictions(tmp_path, float_model, learned):
+@pytest.mark.parametrize("strategy", [RANGE, LSQ])
+def test_save_and_load_give_identical_predictions(tmp_path, float_model, strategy):
     x, _ = _data()
     cfg = QuantConfig(weights=QuantSpec(4, granularity="per_channel"), bias=QuantSpec(8),
                       inputs=QuantSpec(8, estimator="percentile"), gates=QuantSpec(8), state=QuantSpec(8),
-                      learned=learned)
+                      strategy=strategy)
     qmodel = quantize_model(float_model, cfg)
     calibrate(qmodel, [x])
     path = tmp_path / "q.keras"
     qmodel.save(path)
     loaded = keras.models.load_model(path)
     assert isinstance(loaded.get_layer("lstm"), QLSTM) and loaded.get_layer("lstm").specs == qmodel.get_layer("lstm").specs
+    assert loaded.get_layer("lstm").strategy is strategy
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
     for name, t in quantized_weights(loaded).items():
         np.testing.assert_array_equal(t.codes, quantized_weights(qmodel)[name].codes)
@@ -178,14 +184,8 @@ def test_save_and_load_give_identical_predictions(tmp_path, float_model, learned
 def test_freeze_ranges_makes_requantization_exact():
     """Frozen ranges no longer follow the weights: re-quantizing the exported grid values, or weights
     moved by training, uses the stored scale / zero point (what a deployed model does)."""
-    import tf_keras as keras
-
-    from qat.models import ModelSpec, build_model
-    from qat.quantize import QuantConfig, freeze_ranges, quantize_model, quantized_weights
-    from qat.quantizers import QuantSpec
-
     keras.utils.set_random_seed(5)
-    model = build_model((6, 9), 3, ModelSpec(units=5))
+    model = build_model((6, 9), 3, specs.model(units=5))
     q = quantize_model(model, QuantConfig(weights=QuantSpec(3, granularity="per_channel", estimator="mse"),
                                           bias=QuantSpec(3)))
     freeze_ranges(q)

@@ -1,13 +1,16 @@
 """The quantization math against independent oracles (the study's formula transcribed, TF's own
 fake-quant op) and its defining properties."""
-from qat import ConfigError
-
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras as keras
 
-from qat.quantizers import (QuantSpec, dequantize_np, error_stats, estimate_range, fake_quant, fake_quant_np,
-                            lsq_fake_quant, qparams, quantize_np)
+from qat.errors import ConfigError, DataError
+from qat.quant.ops import fake_quant, fused_fake_quant, lsq_fake_quant
+from qat.quant.reference import dequantize_np, error_stats, estimate_range, fake_quant_np, qparams, quantize_np
+from qat.quant.spec import QuantSpec
+from qat.training.models import build_model
+from tests import specs
 
 BITS = list(range(2, 17))
 SCHEMES = [("asymmetric", False), ("symmetric", False), ("symmetric", True)]
@@ -62,7 +65,7 @@ def test_bad_axis_for_tensor_rank_is_a_config_error():
 def test_non_finite_values_are_rejected_clearly(bad):
     x = _rand((10, 10))
     x[3, 4] = bad
-    with pytest.raises(ConfigError, match=r"cannot quantize a tensor with \d NaN and \d Inf values"):
+    with pytest.raises(DataError, match=r"cannot quantize a tensor with \d NaN and \d Inf values"):
         fake_quant_np(x, QuantSpec(4))
 
 
@@ -151,8 +154,6 @@ def test_fused_fake_quant_equals_tf_per_channel_kernel_and_passes_gradient_insid
     """The time loop's activation fake-quant (per channel: mapped to the unit grid, FakeQuantWithMinMaxArgs,
     mapped back) against TensorFlow's own FakeQuantWithMinMaxVars(PerChannel) kernel and the numpy
     reference: the same values up to float32 ties (one step, rarely), gradient 1 inside the range, 0 outside."""
-    from qat.quantizers import fused_fake_quant
-
     spec = QuantSpec(bits, scheme=scheme, narrow_range=narrow,
                      granularity="per_channel" if per_channel else "per_tensor")
     x = _rand((256, 32), seed=200 + bits) * np.linspace(0.2, 2.0, 32, dtype=np.float32)
@@ -186,8 +187,6 @@ def test_fused_fake_quant_equals_tf_per_channel_kernel_and_passes_gradient_insid
 def test_fused_fake_quant_folds_an_affine_map_before_it():
     """`pre=(a, b)` quantizes v * a + b (the LSTM gates from one sigmoid): the same values as mapping
     first, and the gradient a inside the range."""
-    from qat.quantizers import fused_fake_quant
-
     spec = QuantSpec(4, granularity="per_channel")
     rng = np.random.default_rng(3)
     v = tf.constant(rng.uniform(0, 1, size=(128, 8)).astype(np.float32))
@@ -318,11 +317,8 @@ def test_error_stats_formulas():
 def test_study_4bit_example_per_tensor_mae_mse():
     """The study's PTQ figure: per-tensor 4-bit asymmetric min-max MAE/MSE of the seed model's five
     weight tensors, from the transcribed formula vs our pipeline (glorot/orthogonal seed weights)."""
-    import tf_keras as keras
-    from qat.models import ModelSpec, build_model
-
     keras.utils.set_random_seed(0)
-    model = build_model((49, 257), 3, ModelSpec())
+    model = build_model((49, 257), 3, specs.model())
     model.get_layer("lstm").cell.bias.assign(_rand(320, seed=5) * 0.1)   # a bias with both signs
     tensors = [model.get_layer("lstm").cell.kernel, model.get_layer("lstm").cell.recurrent_kernel,
                model.get_layer("lstm").cell.bias, model.get_layer("dense").kernel]

@@ -11,7 +11,7 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args, load_sweep_
 from qat.aggregate import collect, figure, markdown, table, write_csv
 from qat.config import logger_spec, run_spec
 from tests.conftest import REPO
-from tests.test_config import composed
+from tests.specs import composed
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 
@@ -33,10 +33,10 @@ def test_wandb_sweep_runs_train_py_with_valid_overrides(path):
         args = create_sweep_command_args({"args": {n: {"value": v} for n, v in zip(names, combo)}})
         cfg = composed(*args["args_no_hyphens"])
         spec = run_spec(cfg)                                 # every value is a real, valid config value
-        assert spec.recipe.method in ("ptq", "qat") and spec.recipe.bits in (2, 3, 4, 8)
+        assert spec.recipe.method in ("ptq", "qat") and spec.recipe.bits.bits in (2, 3, 4, 8)
         log = logger_spec(cfg)
         assert log.group == path.stem and log.job_type == spec.recipe.method
-        assert spec.recipe.method in log.tags and f"bits={spec.recipe.bits}" in log.tags
+        assert spec.recipe.method in log.tags and f"bits={spec.recipe.bits.bits}" in log.tags
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)

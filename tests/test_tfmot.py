@@ -1,15 +1,16 @@
 """tfmot integration: quantize_apply takes the seed model's LSTM at any bit-width, trains, and yields
 kernels on a 2^b-level grid per channel (cross-checked against our numpy reference)."""
-from qat import ConfigError
-
 import numpy as np
 import pytest
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
-from qat.models import ModelSpec, build_model
-from qat.quantizers import QuantSpec, fake_quant_np
-from qat.tfmot_config import DenseQuantizeConfig, LSTMQuantizeConfig, tfmot_quantize
+from qat.errors import ConfigError
+from qat.layers.tfmot import DenseQuantizeConfig, LSTMQuantizeConfig, tfmot_quantize
+from qat.quant.reference import fake_quant_np
+from qat.quant.spec import QuantSpec
+from qat.training.models import build_model
+from tests import specs
 
 SHAPE = (12, 16)
 
@@ -17,7 +18,7 @@ SHAPE = (12, 16)
 def _model(shape=SHAPE, units=8, seed=0):
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
-    return build_model(shape, 3, ModelSpec(units=units), norm_mean=rng.normal(size=shape[1]) * 0.1,
+    return build_model(shape, 3, specs.model(units=units), norm_mean=rng.normal(size=shape[1]) * 0.1,
                        norm_var=rng.uniform(0.5, 2, shape[1]))
 
 

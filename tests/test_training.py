@@ -1,27 +1,28 @@
+"""Float training: seeded and bit-identical, its options, class weights, and the float-model cache."""
 import numpy as np
 import pytest
 
-from qat.checkpoints import cached_float_model
-from qat.data import DataSpec
-from qat.experiment import RunSpec, train_float
-from qat.features import FeatureSpec, load_features
-from qat.models import ModelSpec
+from qat.data.features import load_features
+from qat.experiment import train_float
 from qat.tracking import Tracker
-from qat.training import TrainSpec, class_weights
+from qat.training.checkpoints import cached_float_model
+from qat.training.fit import class_weights
+from tests import specs
+from tests.conftest import SPEECH_COMMANDS
+
+SMALL = ("features=stft", "model.units=16", "trainer=default", "trainer.epochs=2", "trainer.batch_size=32")
 
 
 @pytest.fixture(scope="module")
 def small_features(tmp_path_factory):
-    from tests.conftest import SPEECH_COMMANDS
-
     if not SPEECH_COMMANDS.is_dir():
         pytest.skip(f"real speech data not found at {SPEECH_COMMANDS}")
-    return load_features(DataSpec(root=str(SPEECH_COMMANDS), limit_per_class=40), FeatureSpec(),
-                         str(tmp_path_factory.mktemp("cache")))
+    run = specs.run(f"data.root={SPEECH_COMMANDS}", "data.limit_per_class=40", "features=stft")
+    return load_features(run.data, run.features, str(tmp_path_factory.mktemp("cache")))
 
 
-def _spec(seed, **trainer):
-    return RunSpec(model=ModelSpec(units=16), trainer=TrainSpec(epochs=2, batch_size=32, **trainer), seed=seed)
+def _spec(seed, *overrides):
+    return specs.run(*SMALL, f"seed={seed}", *overrides)
 
 
 def test_same_seed_gives_identical_float_weights(small_features):
@@ -34,9 +35,8 @@ def test_same_seed_gives_identical_float_weights(small_features):
 
 
 def test_training_options_run(small_features):
-    model, info = train_float(RunSpec(model=ModelSpec(units=16, dropout=0.2),
-                                      features=FeatureSpec(normalize=True),
-                                      trainer=TrainSpec(epochs=2, lr_schedule="cosine", class_weight="balanced")),
+    model, info = train_float(_spec(0, "model.dropout=0.2", "features.normalize=true", "trainer.batch_size=64",
+                                    "trainer.lr_schedule=cosine", "trainer.class_weight=balanced"),
                               small_features, Tracker())
     assert info["epochs"] == 2 and set(info["history"]) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert model.get_layer("normalize") is not None

@@ -5,31 +5,24 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+import tf_keras as keras
 
-from qat import ConfigError
+from qat.checks import Checked, Integer, Number, setting
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """Size of the LSTM stack; defaults are the study's LSTM(80)."""
+class ModelSpec(Checked):
+    """Size of the LSTM stack (conf/model/*.yaml; the study's is LSTM(80))."""
 
-    units: int = 80
-    layers: int = 1
-    dropout: float = 0.0            # dropout on the LSTM inputs and before the classifier
-    recurrent_dropout: float = 0.0  # dropout on the recurrent state (Keras semantics)
+    section = "model"
 
-    def __post_init__(self):
-        if not isinstance(self.units, int) or self.units < 1:
-            raise ConfigError(f"model.units={self.units!r} is not allowed: expected a positive integer")
-        if not isinstance(self.layers, int) or self.layers < 1:
-            raise ConfigError(f"model.layers={self.layers!r} is not allowed: expected a positive integer")
-        for name in ("dropout", "recurrent_dropout"):
-            v = getattr(self, name)
-            if not (0.0 <= float(v) < 1.0):
-                raise ConfigError(f"model.{name}={v!r} is not allowed: expected a float in [0, 1)")
+    units: int = setting(Integer(1))
+    layers: int = setting(Integer(1))
+    dropout: float = setting(Number(0, 1, high_open=True))            # on the LSTM inputs and before the classifier
+    recurrent_dropout: float = setting(Number(0, 1, high_open=True))  # on the recurrent state (Keras semantics)
 
 
-def build_model(input_shape: Sequence[int], n_classes: int, spec: ModelSpec = ModelSpec(),
+def build_model(input_shape: Sequence[int], n_classes: int, spec: ModelSpec,
                 norm_mean: Optional[np.ndarray] = None, norm_var: Optional[np.ndarray] = None):
     """Build the float model. With `norm_mean`/`norm_var` (per-frequency, fitted on training
     features) a fixed `Normalization` layer named "normalize" comes first, so the statistics are
@@ -37,8 +30,6 @@ def build_model(input_shape: Sequence[int], n_classes: int, spec: ModelSpec = Mo
 
     Layer names are a contract used by quantization: "lstm", "lstm_1", ..., "flatten", "dense".
     """
-    import tf_keras as keras
-
     inputs = keras.Input(shape=tuple(input_shape), name="features")
     x = inputs
     if norm_mean is not None:

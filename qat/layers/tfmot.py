@@ -5,8 +5,7 @@ Weights use tfmot's own `LastValueQuantizer` (range = min/max of the current wei
 column with per_channel), activations its `MovingAverageQuantizer` (EMA of batch min/max during
 training); both are TF's `fake_quant_with_min_max_vars*` with a straight-through gradient.
 
-What tfmot cannot do for an LSTM (verified in tests/test_tfmot.py and described in
-BENCHMARKS.md, section 5):
+What tfmot cannot do for an LSTM (verified in tests/test_tfmot.py):
 - Quantize the recurrent state. tfmot only swaps weight attributes and *activation functions* of
   the wrapped layer. With `act_bits`, the cell's `recurrent_activation` (sigmoid) and `activation`
   (tanh) are wrapped; tfmot quantizes the *input* of sigmoid/tanh, so what gets quantized is the
@@ -19,26 +18,19 @@ BENCHMARKS.md, section 5):
   wrappers) is used, so this config switches the wrapped LSTM to its generic per-step path when
   act_bits is set (a private Keras attribute, `_could_use_gpu_kernel`).
 - Separate ranges per gate, LSQ/learned ranges, percentile or MSE range estimators, asymmetric
-  weights per channel other than the last axis: use `qat.quantize.quantize_model` for those.
+  weights per channel other than the last axis: use `qat.layers.model.quantize_model` for those.
 """
 from __future__ import annotations
-
-from qat import ConfigError
 
 from typing import Optional
 
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
+from qat.checks import Bits, Nullable
+from qat.errors import ConfigError
+
 _tq = tfmot.quantization.keras
-
-
-def _check_bits(name: str, value, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16:
-        raise ConfigError(f"{name}={value!r} is not allowed: expected an integer 2..16"
-                          + (" or None" if optional else ""))
 
 
 class _NBitConfig(_tq.QuantizeConfig):
@@ -46,8 +38,8 @@ class _NBitConfig(_tq.QuantizeConfig):
 
     def __init__(self, bits: int, act_bits: Optional[int] = None, per_channel: bool = True,
                  symmetric: bool = True, narrow_range: bool = False, quantize_output: bool = False):
-        _check_bits("bits", bits)
-        _check_bits("act_bits", act_bits, optional=True)
+        Bits()("bits", bits)
+        Nullable(Bits())("act_bits", act_bits)
         if quantize_output and act_bits is None:
             raise ConfigError("quantize_output=True is not allowed without act_bits: set act_bits=2..16")
         self.bits, self.act_bits, self.per_channel = bits, act_bits, bool(per_channel)

@@ -6,15 +6,18 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
+import tensorflow as tf
 
-from qat import ConfigError
-from qat.data import SPLITS, DataSpec, list_files, load_waveforms
+from qat.checks import Checked, Flag, Integer, Number, setting
+from qat.data.datasets import SPLITS, DataSpec, list_files, load_waveforms
+from qat.errors import ConfigError, DataError
+from qat.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -22,34 +25,28 @@ CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
-class FeatureSpec:
-    """STFT settings (the study's: 480 / 320 / 512 on 16 kHz, magnitude) and optional extras."""
+class FeatureSpec(Checked):
+    """STFT settings (the study's: 480 / 320 / 512 on 16 kHz, magnitude) and optional extras
+    (conf/features/*.yaml)."""
 
-    frame_length: int = 480
-    frame_step: int = 320
-    fft_length: int = 512
-    mel_bins: int = 0          # 0: the linear STFT bins (the study); >0: a mel filterbank of that size
-    log: bool = False          # log(x + log_offset) compression
-    log_offset: float = 1e-6
-    log_floor_db: float = 0.0  # >0: before the log, floor each clip at (its peak - this many dB); 0 = off
-    normalize: bool = False    # per-frequency mean / variance, fitted on the training part (in the model)
+    section = "features"
 
-    def __post_init__(self):
-        for name in ("frame_length", "frame_step", "fft_length"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"features.{name}={getattr(self, name)!r} is not allowed: expected a positive integer")
+    frame_length: int = setting(Integer(1))
+    frame_step: int = setting(Integer(1))
+    fft_length: int = setting(Integer(1))
+    mel_bins: int = setting(Integer(0, expected="0 (linear bins) or a number of mel bands"))
+    log: bool = setting(Flag())                      # log(x + log_offset) compression
+    log_offset: float = setting(Number(0, low_open=True))
+    log_floor_db: float = setting(Number(0, expected="a number of dB >= 0 (0 = no floor)"))  # floor at peak - dB
+    normalize: bool = setting(Flag())   # per-frequency mean / variance, fitted on the training part (in the model)
+
+    def check(self) -> None:
         if self.fft_length < self.frame_length:
             raise ConfigError(f"features.fft_length={self.fft_length} is not allowed: expected >= "
                               f"features.frame_length={self.frame_length}")
-        if int(self.mel_bins) < 0 or int(self.mel_bins) > self.fft_length // 2 + 1:
+        if self.mel_bins > self.fft_length // 2 + 1:
             raise ConfigError(f"features.mel_bins={self.mel_bins!r} is not allowed: expected 0 (linear bins) "
                               f"or 1..{self.fft_length // 2 + 1}")
-        if self.log_offset <= 0:
-            raise ConfigError(f"features.log_offset={self.log_offset!r} is not allowed: expected > 0")
-        if isinstance(self.log_floor_db, bool) or not isinstance(self.log_floor_db, (int, float)) \
-                or self.log_floor_db < 0:
-            raise ConfigError(f"features.log_floor_db={self.log_floor_db!r} is not allowed: expected a number "
-                              "of dB >= 0 (0 = no floor)")
 
     def shape(self, num_samples: int) -> Tuple[int, int]:
         """(frames, bins) of one clip."""
@@ -60,8 +57,6 @@ class FeatureSpec:
 def features_tf(waves, spec: FeatureSpec, sample_rate: int):
     """TensorFlow front end for a [batch, samples] float tensor -> [batch, frames, bins]; usable inside
     tf.data pipelines (augmentation) and for export."""
-    import tensorflow as tf
-
     stft = tf.signal.stft(waves, frame_length=spec.frame_length, frame_step=spec.frame_step,
                           fft_length=spec.fft_length)
     x = tf.abs(stft)
@@ -133,8 +128,8 @@ def load_features(data: DataSpec, feats: FeatureSpec, cache_dir: str | None) -> 
                     log.info("features from cache %s", path)
                     return Features({s: z[f"x_{s}"] for s in SPLITS}, {s: z[f"y_{s}"] for s in SPLITS},
                                     {s: list(z[f"files_{s}"]) for s in SPLITS}, list(z["class_names"]), key, hop_ms)
-            except (OSError, KeyError, ValueError) as e:
-                log.warning("ignoring unreadable feature cache %s (%s); recomputing", path, e)
+            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                log.warning("feature cache %s is damaged (%s: %s); recomputing it", path, type(e).__name__, e)
     x, y, files = {}, {}, {}
     for split in SPLITS:
         waves, kept = load_waveforms(file_list.files[split], data)
@@ -142,7 +137,7 @@ def load_features(data: DataSpec, feats: FeatureSpec, cache_dir: str | None) -> 
         y[split] = np.asarray(file_list.labels[split], np.int64)[kept]
         files[split] = [f for f, k in zip(file_list.files[split], kept) if k]
         if len(x[split]) == 0:
-            raise ConfigError(f"no readable clips in the {split} part of {data.name!r}")
+            raise DataError(f"no readable clips in the {split} part of {data.name!r}")
     out = Features(x, y, files, file_list.class_names, key, hop_ms)
     if path is not None:
         _save_atomic(path, out)
@@ -150,16 +145,9 @@ def load_features(data: DataSpec, feats: FeatureSpec, cache_dir: str | None) -> 
 
 
 def _save_atomic(path: Path, f: Features) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"class_names": np.asarray(f.class_names)}
     for s in SPLITS:
         arrays.update({f"x_{s}": f.x[s], f"y_{s}": f.y[s], f"files_{s}": np.asarray(f.files[s])})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     log.info("features cached in %s", path)

@@ -17,22 +17,20 @@ predicted drop is 100 * (mean_i correct_i - mean_i P_i) points. The gradient pas
 model (`sensitivity`, 2-5 s for 512 clips on 2 CPU cores); a config after that costs milliseconds,
 and the variances of tensors add, so `propose_mixed` can search bits per tensor exhaustively.
 
-Choices, by measurement (BENCHMARKS.md (section 6)):
+Choices:
 - Validation clips by default: training margins are over-confident (the model was fitted to them)
-  and under-predict the drop on FSDD; validation clips did as well or better on every data set.
-- Noise rather than the actual rounding pattern: the first-order effect of the actual errors on
-  the calibration clips predicted FSDD slightly better but over-predicted the speaker-disjoint
-  task by 2-4 points at 3-4 bits: the model sits at an optimum of the clips it was trained and
-  early-stopped on, so any coherent shift hurts those clips, while on unseen speakers it helps
-  as often as it hurts.
-- Known blind spot: the per-tensor rounding of the LSTM bias (320 values) at 3-4 bits is a
-  coherent shift of every gate; on FSDD, whose test takes come from the training speakers, it
-  costs ~2 points that the noise model does not see. `propose_mixed` therefore keeps biases at
-  8 bits by default (they are under 1 % of the weights).
-- 2 bits is outside the first-order regime: predictions there are off by 2-10 points.
+  and under-predict the drop.
+- Noise rather than the actual rounding pattern: the model sits at an optimum of the clips it was
+  trained and early-stopped on, so any coherent shift of its weights hurts those clips, while on
+  unseen speakers it helps as often as it hurts; the first-order effect of the actual errors on
+  calibration clips over-predicts the drop on a speaker-disjoint test set.
+- Known blind spot: the per-tensor rounding of an LSTM bias at 3-4 bits is a coherent shift of
+  every gate, which the noise model does not see; `propose_mixed` therefore keeps biases at 8 bits
+  by default (they are under 1 % of the weights).
+- 2 bits is outside the first-order regime: predictions there are off by several points.
 
-Only weight quantization is modelled: activation / state quantization (act_bits, state_bits) is
-rejected with a ConfigError (`predict_summary` predicts the weight part and says so).
+Only weight quantization is modelled: a config with activation / state quantization is refused
+by `tensor_specs`, and `predict_summary` predicts its weight part and says so.
 """
 from __future__ import annotations
 
@@ -43,12 +41,20 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+from scipy.special import ndtr
 
-from qat import ConfigError
-from qat.quantize import QuantConfig, weight_tensor_names
-from qat.quantizers import QuantSpec, fake_quant_np
+from qat.algorithms.calibration import calibration_indices
+from qat.checks import Bits, Checked, Integer, ListOf, Nullable, Number, OneOf, setting
+from qat.errors import ConfigError, DataError
+from qat.layers.model import QuantConfig, freeze_ranges, quantize_model, weight_tensor_names
+from qat.metrics import predict_classes
+from qat.quant.reference import fake_quant_np
+from qat.quant.spec import ESTIMATOR, GRANULARITY, SCHEME, QuantSpec
 
-DEFAULT_BITS = tuple(range(2, 9))
+PREDICT_BITS = tuple(range(2, 9))   # the bit-widths the drop table and the mixed proposal cover by default
+MAX_DROP = Number(0, expected="a number of points >= 0")
 
 
 # ----------------------------------------------------------------------------- per-clip sensitivities
@@ -104,8 +110,6 @@ class Sensitivity:
 
 def probability_correct(margins: np.ndarray, variance: np.ndarray) -> np.ndarray:
     """prod_k Phi(m_k / s_k) per clip; s = 0 gives the hard decision (0.5 at a tie)."""
-    from scipy.special import ndtr
-
     s = np.sqrt(np.maximum(variance, 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(s > 0, margins / np.where(s > 0, s, 1.0), np.sign(margins) * np.inf)
@@ -115,8 +119,6 @@ def probability_correct(margins: np.ndarray, variance: np.ndarray) -> np.ndarray
 
 def _check_layers(model) -> list:
     """The model's layers (InputLayer dropped), or a ConfigError naming one predict cannot follow."""
-    import tf_keras as keras
-
     layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     for idx, layer in enumerate(layers):
         if isinstance(layer, keras.layers.LSTM):
@@ -139,9 +141,6 @@ def _forward(model, x, probes: Optional[dict] = None, record: Optional[dict] = N
     """The model's logits (pre-softmax), computed by an unrolled copy of its layers so that a zero
     `probe` can be added to every LSTM / Dense pre-activation (its gradient is then the per-clip,
     per-step adjoint). `record` collects each layer's input (and h_{t-1} for an LSTM)."""
-    import tensorflow as tf
-    import tf_keras as keras
-
     layers = _check_layers(model)
     h = tf.convert_to_tensor(x, tf.float32)
     for idx, layer in enumerate(layers):
@@ -184,8 +183,6 @@ def _sq_column_grads(x, delta):
     """sum over rows of the squared per-clip gradient of W in z_t = x_t W (+ ...): for every clip n
     and column c, sum_f (sum_t x[n,t,f] delta[n,t,c])^2 = delta^T (x x^T) delta, through the per-clip
     Gram matrix over time (no [n, f, c] intermediate)."""
-    import tensorflow as tf
-
     gram = tf.matmul(x, x, transpose_b=True)                      # [n, t, t]
     return tf.reduce_sum(delta * tf.matmul(gram, delta), axis=1)  # [n, c]
 
@@ -194,9 +191,6 @@ def _make_pass(model, names: Sequence[str]):
     """A compiled function (x, y, k) -> (logits, rivals [n, k], {name: [k, n, columns]}): for the k
     strongest rival classes of every clip, the squared gradient of the margin z_y - z_rival summed
     over each weight's rows."""
-    import tensorflow as tf
-    import tf_keras as keras
-
     layers = sorted({n.split("/")[0] for n in names})
     n_classes = int(model.output_shape[-1])
 
@@ -244,9 +238,8 @@ def sensitivity(float_model, x: np.ndarray, y: np.ndarray, competitors: int = 2,
     start = time.perf_counter()
     x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
     if len(x) == 0 or len(x) != len(y):
-        raise ConfigError(f"predict needs labelled calibration clips: got {len(x)} clips and {len(y)} labels")
-    if not isinstance(competitors, int) or competitors < 1:
-        raise ConfigError(f"competitors={competitors!r} is not allowed: expected an integer >= 1")
+        raise DataError(f"predict needs labelled calibration clips: got {len(x)} clips and {len(y)} labels")
+    Integer(1)("competitors", competitors)
     _check_layers(float_model)
     names = weight_tensor_names(float_model)
     weights = {}
@@ -255,7 +248,7 @@ def sensitivity(float_model, x: np.ndarray, y: np.ndarray, competitors: int = 2,
         weights[n] = getattr(getattr(layer, "cell", layer), n.split("/")[1]).numpy().astype(np.float64)
     n_classes = int(float_model.output_shape[-1])
     if y.min() < 0 or y.max() >= n_classes:
-        raise ConfigError(f"calibration labels must lie in 0..{n_classes - 1}")
+        raise DataError(f"calibration labels must lie in 0..{n_classes - 1}")
     k = min(competitors, n_classes - 1)
     run = _make_pass(float_model, names)
     batch = min(batch_size, len(x))
@@ -283,8 +276,8 @@ def sensitivity(float_model, x: np.ndarray, y: np.ndarray, competitors: int = 2,
 def tensor_specs(names: Sequence[str], cfg: QuantConfig) -> Dict[str, Optional[QuantSpec]]:
     """The QuantSpec each weight tensor gets under `cfg` (None = float), as `quantize_model` does."""
     if not isinstance(cfg, QuantConfig):
-        raise ConfigError(f"cfg={cfg!r} is not allowed: expected a qat.quantize.QuantConfig")
-    if cfg.inputs is not None or cfg.gates is not None or cfg.state is not None:
+        raise ConfigError(f"cfg={cfg!r} is not allowed: expected a qat.layers.model.QuantConfig")
+    if cfg.quantizes_activations:
         raise ConfigError("predict models weight quantization only: expected act_bits=null and state_bits=null")
     unknown = sorted(set(cfg.overrides) - set(names))
     if unknown:
@@ -310,22 +303,16 @@ def predict_drop(float_model, x_calib: np.ndarray, y_calib: np.ndarray, cfg: Qua
     return sens.drop(config_variance(sens, cfg))
 
 
-def predict_summary(float_model, feats, cfg: QuantConfig, seed: int = 0, spec: Optional["PredictSpec"] = None
-                    ) -> Dict[str, object]:
+def predict_summary(float_model, feats, cfg: QuantConfig, spec: "PredictSpec", seed: int) -> Dict[str, object]:
     """The `predict/*` summary keys of a PTQ run: `predict/degradation` (points) for the weights of
-    `cfg`, predicted from `spec.n_calib` labelled clips of `spec.calib` (validation by default).
-    Activation / state quantization is not modelled: when `cfg` has it, the prediction covers the
-    weights only and `predict/weights_only` is true. Costs one gradient pass (seconds)."""
-    import dataclasses
-
-    spec = spec or PredictSpec()
+    `cfg`, predicted from `spec.n_calib` labelled clips of `spec.calib`. Activation / state
+    quantization is not modelled: when `cfg` has it, the prediction covers the weights only and
+    `predict/weights_only` is true. Costs one gradient pass (seconds)."""
     t0 = time.perf_counter()
-    weights_only = cfg.inputs is not None or cfg.gates is not None or cfg.state is not None
-    cfg = dataclasses.replace(cfg, inputs=None, gates=None, state=None)
     x, y = calibration_set(feats.x[spec.calib], feats.y[spec.calib], spec.n_calib, seed)
-    drop = predict_drop(float_model, x, y, cfg, sensitivity(float_model, x, y, spec.competitors))
+    drop = predict_drop(float_model, x, y, cfg.weights_only(), sensitivity(float_model, x, y, spec.competitors))
     return {"predict/degradation": drop, "predict/calibration_clips": len(x), "predict/calibration_split": spec.calib,
-            "predict/weights_only": weights_only, "time/predict_s": time.perf_counter() - t0}
+            "predict/weights_only": cfg.quantizes_activations, "time/predict_s": time.perf_counter() - t0}
 
 
 def weight_config(bits: int, granularity: str = "per_tensor", scheme: str = "asymmetric",
@@ -350,7 +337,7 @@ def packed_size(sens: Sensitivity, cfg: QuantConfig) -> int:
     return total
 
 
-def drop_table(sens: Sensitivity, bits: Iterable[int] = DEFAULT_BITS,
+def drop_table(sens: Sensitivity, bits: Iterable[int] = PREDICT_BITS,
                granularities: Sequence[str] = ("per_tensor", "per_channel"), scheme: str = "asymmetric",
                estimator: str = "minmax") -> List[dict]:
     """Rows {bits, granularity, predicted_drop, size_bytes} for every bit-width and granularity."""
@@ -384,7 +371,7 @@ def _spec_at(base: QuantSpec, bits: int) -> QuantSpec:
     return QuantSpec(bits, base.scheme, base.granularity, base.axis, base.estimator, base.percentile, base.narrow_range)
 
 
-def propose_mixed(sens: Sensitivity, max_drop: float, bits: Sequence[int] = DEFAULT_BITS,
+def propose_mixed(sens: Sensitivity, max_drop: float, bits: Sequence[int] = PREDICT_BITS,
                   granularity: str = "per_tensor", scheme: str = "asymmetric", estimator: str = "minmax",
                   bias_bits: Optional[int] = 8, exhaustive_limit: int = 100_000) -> MixedProposal:
     """Bits per weight tensor (from `bits`) with the smallest packed size whose predicted drop is at
@@ -393,20 +380,18 @@ def propose_mixed(sens: Sensitivity, max_drop: float, bits: Sequence[int] = DEFA
     `bias_bits`: biases are kept at this width (default 8; None = search them like the kernels).
     They are under 1 % of the weights, so low-bit biases save almost nothing, and their rounding
     error is the one the noise model predicts worst: a few hundred errors that shift every gate
-    coherently (measured in BENCHMARKS.md (section 6)).
+    coherently (BENCHMARKS.md, "Predicted degradation").
 
     Exhaustive when there are at most `exhaustive_limit` combinations (5 tensors x 7 bit-widths =
     16,807: candidates are tried cheapest first, the first within budget wins), else greedy (lower
     the tensor that saves most bytes per point of predicted drop while the budget holds). The
     variances of tensors add, so every candidate costs one sum and one Phi over the clips."""
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not max_drop >= 0:
-        raise ConfigError(f"max_drop={max_drop!r} is not allowed: expected a number of points >= 0")
+    MAX_DROP("max_drop", max_drop)
     bits = sorted({int(b) for b in bits})
     if not bits:
         raise ConfigError("propose_mixed needs at least one bit-width to choose from")
     base = weight_config(bits[0], granularity, scheme, estimator)
-    if bias_bits is not None:
-        QuantSpec(bias_bits)
+    Nullable(Bits())("bias_bits", bias_bits)
     names = sens.names
     spec_of = {n: base.bias if n.endswith("/bias") else base.weights for n in names}
     fixed = {n: _spec_at(spec_of[n], bias_bits) for n in names if n.endswith("/bias") and bias_bits is not None}
@@ -481,9 +466,6 @@ def propose_mixed(sens: Sensitivity, max_drop: float, bits: Sequence[int] = DEFA
 def measured_drop(float_model, cfg: QuantConfig, x: np.ndarray, y: np.ndarray) -> Dict[str, float]:
     """An actual PTQ evaluation of `cfg` (round to nearest, ranges frozen, as `ptq_seed` does) on
     (x, y): {float_acc, quant_acc, drop} (drop in points)."""
-    from qat.metrics import predict_classes
-    from qat.quantize import freeze_ranges, quantize_model
-
     qmodel = quantize_model(float_model, cfg)
     freeze_ranges(qmodel)
     acc_f = float(np.mean(predict_classes(float_model, x) == y))
@@ -493,8 +475,7 @@ def measured_drop(float_model, cfg: QuantConfig, x: np.ndarray, y: np.ndarray) -
 
 def calibration_set(x: np.ndarray, y: np.ndarray, n: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """A fixed random subset of n labelled clips (give it validation or training clips, never test)."""
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.permutation(len(x))[: min(int(n), len(x))])
+    idx = calibration_indices(len(x), n, seed)
     return x[idx], y[idx]
 
 
@@ -502,33 +483,22 @@ CALIB_SPLITS = ("val", "train")
 
 
 @dataclass(frozen=True)
-class PredictSpec:
-    """Settings of `evaluate.py predict_only=true` (the `predict` section of conf/evaluate.yaml)."""
+class PredictSpec(Checked):
+    """How degradation is predicted (conf/predict/*.yaml)."""
 
-    calib: str = "val"             # split the labelled calibration clips come from: val | train (never test)
-    n_calib: int = 512
-    competitors: int = 2
-    scheme: str = "asymmetric"
-    estimator: str = "minmax"
-    granularity: str = "per_tensor"   # of the mixed-precision proposal
-    bits: Tuple[int, ...] = DEFAULT_BITS
-    bias_bits: Optional[int] = 8      # biases in the mixed proposal (None: searched like the kernels)
+    section = "predict"
 
-    def __post_init__(self):
-        if self.calib not in CALIB_SPLITS:
-            raise ConfigError(f"predict.calib={self.calib!r} is not allowed: expected one of "
-                              f"{', '.join(CALIB_SPLITS)} (test clips are never used to predict)")
-        if isinstance(self.n_calib, bool) or not isinstance(self.n_calib, int) or self.n_calib < 1:
-            raise ConfigError(f"predict.n_calib={self.n_calib!r} is not allowed: expected a positive integer")
-        if isinstance(self.competitors, bool) or not isinstance(self.competitors, int) or self.competitors < 1:
-            raise ConfigError(f"predict.competitors={self.competitors!r} is not allowed: expected an integer >= 1")
-        QuantSpec(2, self.scheme, self.granularity, -1, self.estimator)   # validates the names
-        object.__setattr__(self, "bits", tuple(self.bits))
-        for b in self.bits + (() if self.bias_bits is None else (self.bias_bits,)):
-            QuantSpec(b)
+    calib: str = setting(OneOf(CALIB_SPLITS))   # split of the labelled calibration clips (never test)
+    n_calib: int = setting(Integer(1))
+    competitors: int = setting(Integer(1))       # rival classes per clip in the margin model
+    scheme: str = setting(SCHEME)
+    estimator: str = setting(ESTIMATOR)
+    granularity: str = setting(GRANULARITY)      # of the mixed-precision proposal
+    bits: Tuple[int, ...] = setting(ListOf(Bits()))
+    bias_bits: Optional[int] = setting(Nullable(Bits()))   # biases in the mixed proposal (None: searched)
 
 
-def predict_run(float_model, feats, spec: PredictSpec = PredictSpec(), seed: int = 0,
+def predict_run(float_model, feats, spec: PredictSpec, seed: int = 0,
                 max_drop: Optional[float] = None, verify: bool = True) -> Dict[str, object]:
     """Everything `evaluate.py predict_only=true` reports for one float model: the predicted-drop
     table (bits x granularity), and with `max_drop` the mixed-precision proposal, verified by an
@@ -584,23 +554,3 @@ def format_report(r: Dict[str, object]) -> str:
         if u is not None:
             lines.append(f"  (uniform {prop.uniform_bits} bits measured: drop {u['drop']:+.2f} points)")
     return "\n".join(lines)
-
-
-def report_saved_run(spec, run_dir: str, predict: Optional[Mapping] = None, max_drop: Optional[float] = None,
-                     verify: bool = True) -> str:
-    """`evaluate.py predict_only=true`: the report for a finished train.py run (its features, its
-    float model under <run_dir>/float, its seed), as text."""
-    from pathlib import Path
-
-    from qat.checkpoints import load_model_dir
-    from qat.config import make
-    from qat.features import load_features
-
-    pspec = make(PredictSpec, "predict", predict)
-    if max_drop is not None and (isinstance(max_drop, bool) or not isinstance(max_drop, (int, float))):
-        raise ConfigError(f"max_drop={max_drop!r} is not allowed: expected a number of points >= 0")
-    t0 = time.perf_counter()
-    feats = load_features(spec.data, spec.features, spec.cache_dir)
-    model, _ = load_model_dir(Path(run_dir) / "float")
-    r = predict_run(model, feats, pspec, spec.seed, max_drop, verify)
-    return f"run {run_dir}\n" + format_report(r) + f"\n(total {time.perf_counter() - t0:.1f} s)"

@@ -1,25 +1,23 @@
-"""A fake-quantized LSTM layer: `tf_keras.layers.LSTM` math with quantizers on its weights,
-input, gates and state.
+"""QLSTM: `tf_keras.layers.LSTM` math with quantizers on its weights, input, gates and state.
 
 With no quantizer configured it computes exactly what the Keras LSTM computes (same weight layout:
 kernel (F, 4U), recurrent_kernel (U, 4U), bias (4U,), gates in the order i, f, c, o). Quantization
 points, each optional with its own QuantSpec:
 
-    kernel, recurrent_kernel, bias   weights (qat.quantizers.WeightQuantizer)
+    kernel, recurrent_kernel, bias   weights (weight quantizers)
     input                            the layer input x_t
     gate_i, gate_f, gate_c, gate_o   the four gate activations (after sigmoid / tanh)
     state_c, state_h                 the cell state c_t and the hidden state h_t (also the output)
 
-Speed (BENCHMARKS.md section 3): the weights are fake-quantized once per call, outside the time loop;
-the loop is written as Keras' own CPU LSTM (its own traced function, input projection per step), so
-the float twin trains as fast as `keras.layers.LSTM`; activation quantizers inside the loop are
-single fused ops (`qat.quantizers.fused_fake_quant`), and quantized gates come from one sigmoid.
+Speed: the weights are fake-quantized once per call, outside the time loop
+(qat.layers.recurrent.time_loop, written as Keras' CPU LSTM); activation quantizers inside the loop
+are single fused ops (qat.quant.ops.fused_fake_quant), and quantized fixed-range gates come from
+one sigmoid: tanh(z) = 2 sigmoid(2z) - 1, with the c-gate weight columns doubled exactly before the
+loop and the affine map folded into the gates' fake-quant (3 ops per step instead of 7).
 Not supported: stateful, go_backwards, return_state, time_major, regularizers and constraints
 (ConfigError in `from_float`), and masking (Keras refuses a mask sent to this layer).
 """
 from __future__ import annotations
-
-from qat import ConfigError
 
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -27,24 +25,31 @@ from typing import Callable, Optional
 import tensorflow as tf
 import tf_keras as keras
 
-from qat.quantizers import ActivationQuantizer, QuantSpec, WeightQuantizer, bound_quant, concat_params, fused_fake_quant
+from qat.errors import ConfigError
+from qat.layers.base import QuantizedLayer
+from qat.layers.recurrent import LoopCache, time_loop
+from qat.quant.ops import fused_fake_quant
+from qat.quant.quantizers import concat_params
+from qat.quant.spec import QuantSpec
 
 GATES = ("gate_i", "gate_f", "gate_c", "gate_o")
 STATES = ("state_c", "state_h")
 
 
 @keras.saving.register_keras_serializable(package="qat")
-class QLSTM(keras.layers.Layer):
+class QLSTM(QuantizedLayer, keras.layers.Layer):
     """LSTM with optional fake quantization of weights, input, gates and state (see module doc)."""
+
+    weight_names = ("kernel", "recurrent_kernel", "bias")
 
     def __init__(self, units: int, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
                  return_sequences: bool = False, dropout: float = 0.0, recurrent_dropout: float = 0.0,
                  kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal",
                  bias_initializer="zeros", unit_forget_bias: bool = True,
-                 kernel_quant: Optional[QuantSpec] = None, recurrent_quant: Optional[QuantSpec] = None,
+                 kernel_quant: Optional[QuantSpec] = None, recurrent_kernel_quant: Optional[QuantSpec] = None,
                  bias_quant: Optional[QuantSpec] = None, input_quant: Optional[QuantSpec] = None,
                  gate_quant: Optional[QuantSpec] = None, state_quant: Optional[QuantSpec] = None,
-                 learned: bool = False, **kwargs):
+                 quantizer="range", **kwargs):
         super().__init__(**kwargs)
         self.units = int(units)
         self.activation = keras.activations.get(activation)
@@ -55,16 +60,13 @@ class QLSTM(keras.layers.Layer):
         self.recurrent_initializer = keras.initializers.get(recurrent_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.unit_forget_bias = bool(unit_forget_bias)
-        self.specs = {name: QuantSpec.from_config(spec) for name, spec in (
-            ("kernel", kernel_quant), ("recurrent_kernel", recurrent_quant), ("bias", bias_quant),
-            ("input", input_quant), ("gate", gate_quant), ("state", state_quant))}
-        if not self.use_bias and self.specs["bias"] is not None:
-            raise ConfigError("bias quantization is not allowed with use_bias=False: the layer has no bias")
-        self.learned = bool(learned)
-        # The time loop, traced per layer (a module-level function would keep every model's traces
-        # alive for the whole process: a sweep slowed down run after run). Set past Keras' attribute
-        # tracking: it is code, not state to save.
-        object.__setattr__(self, "_recurrence", tf.function(_recurrence, autograph=False, reduce_retracing=True))
+        self._set_quantization({"kernel": kernel_quant, "recurrent_kernel": recurrent_kernel_quant,
+                                "bias": bias_quant, "input": input_quant, "gate": gate_quant,
+                                "state": state_quant}, quantizer)
+        # Traced loops, set past Keras' attribute tracking: they are code, not state to save.
+        object.__setattr__(self, "_loops", LoopCache(_recurrence))
+        object.__setattr__(self, "_intermediates", tf.function(_intermediates, autograph=False,
+                                                               reduce_retracing=True))
         self.input_spec = keras.layers.InputSpec(ndim=3)
 
     # ------------------------------------------------------------------ weights and quantizers
@@ -82,44 +84,18 @@ class QLSTM(keras.layers.Layer):
                     b = self.bias_initializer((u,), dtype=dtype)
                     return tf.concat([b, tf.ones((u,), dtype=dtype), self.bias_initializer((2 * u,), dtype=dtype)], 0)
             self.bias = self.add_weight("bias", shape=(4 * u,), initializer=init)
-
-        self.weight_quantizers = {}
-        for name in ("kernel", "recurrent_kernel", "bias"):
-            spec, var = self.specs[name], getattr(self, name)
-            if spec is not None:
-                q = WeightQuantizer(spec, self.learned)
-                q.build(self, name, var.shape)
-                self.weight_quantizers[name] = q
-        self.activation_quantizers = {}
-        for names, spec_name, channels in ((("input",), "input", features), (GATES, "gate", u), (STATES, "state", u)):
-            if self.specs[spec_name] is not None:
-                for name in names:
-                    q = ActivationQuantizer(self.specs[spec_name], self.learned)
-                    q.build(self, name, channels)
-                    self.activation_quantizers[name] = q
+        self._build_quantizers([(("input",), "input", features), (GATES, "gate", u), (STATES, "state", u)])
         super().build(input_shape)
 
-    def quantized_weight(self, name: str):
-        """The weight as the forward pass uses it (fake-quantized if it has a quantizer)."""
-        var = getattr(self, name)
-        q = self.weight_quantizers.get(name)
-        return var if q is None else q(var)
-
-    def copy_float_weights(self, lstm) -> None:
-        """Take the weights of a float `keras.layers.LSTM` and fit the weight ranges to them."""
-        for name in ("kernel", "recurrent_kernel", "bias"):
-            if getattr(self, name) is not None:
-                getattr(self, name).assign(getattr(lstm.cell, name))
-        for name, q in self.weight_quantizers.items():
-            q.init_from(getattr(self, name).numpy())
+    def _weights(self):
+        return (self.quantized_weight("kernel"), self.quantized_weight("recurrent_kernel"),
+                self.quantized_weight("bias") if self.use_bias else None)
 
     # ------------------------------------------------------------------ forward pass
 
-    def _run(self, inputs, training=None, record=False):
-        """Returns (h sequence time-major, dict of recorded pre-quantization values if record)."""
-        training = bool(training) and not record
+    def call(self, inputs, training=None):
+        training = bool(training)
         inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
-        recorded = {"input": inputs} if record else {}
         q_in = self.activation_quantizers.get("input")
         x = inputs if q_in is None else q_in(inputs)
         if training and self.dropout > 0:
@@ -138,29 +114,24 @@ class QLSTM(keras.layers.Layer):
             q = self.activation_quantizers.get(name)
             if q is not None:
                 kinds[name], params[name] = q.kind, q.params()
-        args = (x, self.quantized_weight("kernel"), self.quantized_weight("recurrent_kernel"),
-                self.quantized_weight("bias") if self.use_bias else None, rec_mask, params)
-        loop = lambda gated: self._recurrence(*args, _Cell(self.units, self.activation, self.recurrent_activation,
-                                                     tuple(sorted(kinds.items())), gated, record))
+        args = (x, *self._weights(), rec_mask, params)
+        loop = lambda gated: self._loops(_Cell(self.units, self.activation, self.recurrent_activation,
+                                               tuple(sorted(kinds.items())), gated))(*args)
         # Quantizers pass values through until calibrated, which costs a select per quantizer and time
         # step; once every quantizer in the loop is calibrated (training, evaluation) a loop without
         # the selects runs instead, with the same results.
         if params:
             calibrated = tf.reduce_all([tf.reduce_all(on) for on, _, _ in params.values()])
-            out = tf.cond(calibrated, lambda: loop(False), lambda: loop(True))
+            (hs,) = tf.cond(calibrated, lambda: loop(False), lambda: loop(True))
         else:
-            out = loop(False)
-        if record:
-            recorded.update(dict(zip(STATES + GATES, out[1:])))
-        return out[0], recorded
-
-    def call(self, inputs, training=None):
-        hs, _ = self._run(inputs, training)
+            (hs,) = loop(False)
         return tf.transpose(hs, [1, 0, 2]) if self.return_sequences else hs[-1]
 
     def calibration_values(self, inputs) -> dict:
-        """The values each activation quantizer sees for `inputs` (quantizers bypassed or not, as set)."""
-        return self._run(inputs, record=True)[1]
+        inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
+        out = self._intermediates(tf.transpose(inputs, [1, 0, 2]), *self._weights(), self.units,
+                                  self.activation, self.recurrent_activation)
+        return {"input": inputs, **dict(zip(STATES + GATES, out))}
 
     def compute_output_shape(self, input_shape):
         input_shape = tf.TensorShape(input_shape)
@@ -178,13 +149,11 @@ class QLSTM(keras.layers.Layer):
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             recurrent_initializer=keras.initializers.serialize(self.recurrent_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
-            unit_forget_bias=self.unit_forget_bias, learned=self.learned,
-            **{f"{'recurrent' if k == 'recurrent_kernel' else k}_quant": (None if s is None else s.to_config())
-               for k, s in self.specs.items()})
+            unit_forget_bias=self.unit_forget_bias, **self.quantization_config())
         return config
 
     @classmethod
-    def from_float(cls, lstm, specs: dict, learned: bool = False) -> "QLSTM":
+    def from_float(cls, lstm, specs: dict, quantizer="range") -> "QLSTM":
         """An unbuilt QLSTM configured like the float `keras.layers.LSTM` `lstm` (same name).
         `specs` maps kernel/recurrent_kernel/bias/input/gate/state to a QuantSpec or None."""
         unsupported = {"stateful": lstm.stateful, "go_backwards": lstm.go_backwards,
@@ -200,42 +169,31 @@ class QLSTM(keras.layers.Layer):
                               "support: expected a plain LSTM (return_sequences and dropout are fine)")
         return cls(lstm.units, activation=cell.activation, recurrent_activation=cell.recurrent_activation,
                    use_bias=cell.use_bias, return_sequences=lstm.return_sequences, dropout=cell.dropout,
-                   recurrent_dropout=cell.recurrent_dropout, learned=learned, name=lstm.name,
-                   kernel_quant=specs.get("kernel"), recurrent_quant=specs.get("recurrent_kernel"),
-                   bias_quant=specs.get("bias"), input_quant=specs.get("input"),
-                   gate_quant=specs.get("gate"), state_quant=specs.get("state"))
+                   recurrent_dropout=cell.recurrent_dropout, quantizer=quantizer, name=lstm.name,
+                   **{f"{key}_quant": specs.get(key) for key in ("kernel", "recurrent_kernel", "bias", "input",
+                                                                 "gate", "state")})
 
 
 @dataclass(frozen=True)
 class _Cell:
     """The static part of a QLSTM time loop (it keys the loop's trace): sizes, activations, the kind of
-    each quantizer inside the loop, whether uncalibrated quantizers pass through (`gated`) and whether
-    the pre-quantization values are returned (`record`, for calibration)."""
+    each quantizer inside the loop and whether uncalibrated quantizers pass through (`gated`)."""
 
     units: int
     activation: Callable
     recurrent_activation: Callable
-    kinds: tuple        # ((name, ActivationQuantizer.kind), ...) for "gate", "state_c", "state_h"
+    kinds: tuple        # ((name, QuantKind), ...) for "gate", "state_c", "state_h"
     gated: bool
-    record: bool
 
 
 def _recurrence(x, kernel, rec_kernel, bias, rec_mask, params, cell: _Cell):
-    """The LSTM time loop over time-major x [T, B, F]: (h sequence, and with cell.record the c and h
-    before quantization and the four gates before quantization), each [T, B, U].
-
-    Written as Keras' own CPU LSTM (`standard_lstm`): the input projection inside the loop and the
-    loop in a function of its own, which trains faster on CPU than projecting all time steps at
-    once outside the loop (BENCHMARKS.md section 3)."""
+    """The quantized LSTM over time-major x [T, B, F]: the h sequence [T, B, U] (a 1-tuple)."""
     kinds = dict(cell.kinds)
     act, rec_act = cell.activation, cell.recurrent_activation
     u = cell.units
-    # Quantized fixed-range gates with the standard activations: all four gates from one sigmoid, as
-    # tanh(z) = 2 sigmoid(2z) - 1 (the c-gate columns of the weights doubled, exactly, before the loop),
-    # and that affine map folded into the gates' fake-quant: 3 ops per step instead of 7.
-    one_sigmoid = ("gate" in kinds and not cell.gated and not cell.record and not kinds["gate"][1]
+    one_sigmoid = ("gate" in kinds and not cell.gated and kinds["gate"].quantizer.folds_affine
                    and act is keras.activations.tanh and rec_act is keras.activations.sigmoid)
-    quant = {name: bound_quant(kind, *params[name], gated=cell.gated) for name, kind in kinds.items()
+    quant = {name: kind.bind(*params[name], gated=cell.gated) for name, kind in kinds.items()
              if not (one_sigmoid and name == "gate")}
     if one_sigmoid:
         ones = tf.ones((u,), x.dtype)
@@ -243,18 +201,15 @@ def _recurrence(x, kernel, rec_kernel, bias, rec_mask, params, cell: _Cell):
         kernel, rec_kernel = kernel * double, rec_kernel * double
         bias = None if bias is None else bias * double
         _, scale, zp = params["gate"]
-        quant["gate"] = fused_fake_quant(scale, zp, kinds["gate"][0],
+        quant["gate"] = fused_fake_quant(scale, zp, kinds["gate"].spec,
                                          pre=(double, tf.concat([0 * ones, 0 * ones, -ones, 0 * ones], 0)))
     identity = lambda v: v
     cq, hq = quant.get("state_c", identity), quant.get("state_h", identity)
     gq = quant.get("gate")
-    steps = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
-    inputs = tf.TensorArray(x.dtype, size=steps).unstack(x)
-    outputs = tuple(tf.TensorArray(x.dtype, size=steps) for _ in range(7 if cell.record else 1))
-    zeros = tf.zeros((tf.shape(x)[1], u), x.dtype)
 
-    def step(t, h, c, outputs):
-        z = tf.matmul(inputs.read(t), kernel)
+    def step(x_t, states):
+        h, c = states
+        z = tf.matmul(x_t, kernel)
         z += tf.matmul(h if rec_mask is None else h * rec_mask, rec_kernel)
         if bias is not None:
             z = tf.nn.bias_add(z, bias)
@@ -264,14 +219,28 @@ def _recurrence(x, kernel, rec_kernel, bias, rec_mask, params, cell: _Cell):
             zi, zf, zc, zo = tf.split(z, 4, axis=1)
             gates = (rec_act(zi), rec_act(zf), act(zc), rec_act(zo))
             i, f, g, o = gates if gq is None else tf.split(gq(tf.concat(gates, axis=1)), 4, axis=1)
-        c_raw = f * c + i * g
-        c_new = cq(c_raw)
-        h_raw = o * act(c_new)
-        h_new = hq(h_raw)
-        values = (h_new, c_raw, h_raw) + gates if cell.record else (h_new,)
-        return t + 1, h_new, c_new, tuple(ta.write(t, v) for ta, v in zip(outputs, values))
+        c_new = cq(f * c + i * g)
+        h_new = hq(o * act(c_new))
+        return (h_new, c_new), (h_new,)
 
-    *_, outputs = tf.while_loop(lambda t, *_: t < steps, step, (0, zeros, zeros, outputs),
-                                parallel_iterations=32, maximum_iterations=steps)
-    return tuple(ta.stack() for ta in outputs)
+    zeros = tf.zeros((tf.shape(x)[1], u), x.dtype)
+    return time_loop(x, (zeros, zeros), step, 1)
 
+
+def _intermediates(x, kernel, rec_kernel, bias, units: int, act, rec_act):
+    """The LSTM over time-major x with no activation quantization: c, h and the four gates at every
+    step, each [T, B, U] (what calibration estimates the activation ranges from)."""
+
+    def step(x_t, states):
+        h, c = states
+        z = tf.matmul(x_t, kernel) + tf.matmul(h, rec_kernel)
+        if bias is not None:
+            z = tf.nn.bias_add(z, bias)
+        zi, zf, zc, zo = tf.split(z, 4, axis=1)
+        i, f, g, o = rec_act(zi), rec_act(zf), act(zc), rec_act(zo)
+        c_new = f * c + i * g
+        h_new = o * act(c_new)
+        return (h_new, c_new), (c_new, h_new, i, f, g, o)
+
+    zeros = tf.zeros((tf.shape(x)[1], units), x.dtype)
+    return time_loop(x, (zeros, zeros), step, 6)

@@ -23,9 +23,12 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import soundfile
+import tensorflow as tf
 
-from qat import ConfigError
-from qat.data import SILENCE, DataSpec, load_waveforms, read_wav, speaker_of, split_of
+from qat.data.datasets import SILENCE, DataSpec, load_waveforms, read_wav, speaker_of, split_of
+from qat.data.features import features_tf
+from qat.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ def noise_folder(data: DataSpec, noise_dir: Optional[str]) -> Optional[Path]:
 
 def noise_files(data: DataSpec, noise_dir: Optional[str]) -> List[str]:
     """The noise WAVs to mix into training clips. Clips of a `_silence_` folder are kept only where
-    the data set's speaker-hash split (file stem as id, as `qat.data.list_files` does) says "train"."""
+    the data set's speaker-hash split (file stem as id, as `qat.data.datasets.list_files` does) says "train"."""
     folder = noise_folder(data, noise_dir)
     if folder is None:
         return []
@@ -66,14 +69,12 @@ def noise_files(data: DataSpec, noise_dir: Optional[str]) -> List[str]:
 def load_noise(files: Sequence[str], sample_rate: int, num_samples: int) -> np.ndarray:
     """[K, num_samples] float32 noise pieces: each file cut into clip-length pieces (a shorter file is
     one zero-padded piece); near-silent pieces (RMS < MIN_NOISE_RMS) are left out."""
-    import soundfile
-
     pieces = []
     for path in files:
         try:
             info = soundfile.info(path)
         except Exception as e:  # libsndfile's errors for corrupt / non-audio files
-            raise ConfigError(f"cannot read noise WAV file {path}: {str(e).splitlines()[0] if str(e) else e}")
+            raise DataError(f"cannot read noise WAV file {path}: {str(e).splitlines()[0] if str(e) else e}")
         length = max(num_samples, int(round(info.frames * sample_rate / info.samplerate)))
         audio = read_wav(path, sample_rate, length)
         for start in range(0, max(len(audio) - num_samples, 0) + 1, num_samples):
@@ -86,8 +87,6 @@ def load_noise(files: Sequence[str], sample_rate: int, num_samples: int) -> np.n
 def time_shift(waves, max_shift: int, seed):
     """Shift each clip of a [batch, samples] tensor by a uniform random number of samples in
     [-max_shift, max_shift], filling with zeros: the length is unchanged."""
-    import tensorflow as tf
-
     if max_shift <= 0:
         return waves
     n = tf.shape(waves)[1]
@@ -99,16 +98,12 @@ def time_shift(waves, max_shift: int, seed):
 
 
 def rms(x, axis=-1):
-    import tensorflow as tf
-
     return tf.sqrt(tf.reduce_mean(tf.square(x), axis=axis))
 
 
 def mix_noise(waves, noise, prob: float, snr_db: Tuple[float, float], seed):
     """Add a random piece of `noise` ([K, samples]) to each clip with probability `prob`, scaled so
     that RMS(clip) / RMS(noise) is a uniform random SNR in [snr_db[0], snr_db[1]] dB."""
-    import tensorflow as tf
-
     if prob <= 0 or noise is None or noise.shape[0] == 0:
         return waves
     batch = tf.shape(waves)[0]
@@ -125,8 +120,6 @@ def augment(waves, seed, *, max_shift: int = 0, noise=None, noise_prob: float = 
             snr_db: Tuple[float, float] = (10.0, 30.0)):
     """Time shift, then noise mixing, of a [batch, samples] tensor; `seed` is a stateless seed
     (shape [2] integers): the same seed gives the same result."""
-    import tensorflow as tf
-
     seed = tf.cast(seed, tf.int64)
     waves = time_shift(waves, max_shift, tf.random.experimental.stateless_fold_in(seed, 0))
     return mix_noise(waves, noise, noise_prob, snr_db, tf.random.experimental.stateless_fold_in(seed, 1))
@@ -136,8 +129,6 @@ def shift_frames(x, max_frames: int, seed):
     """Shift each clip of a [batch, frames, bins] tensor by a uniform random whole number of frames
     in [-max_frames, max_frames]; frames shifted in take the clip's smallest value (its silence
     level: 0 for magnitudes, the floor / log offset for log features). The length is unchanged."""
-    import tensorflow as tf
-
     if max_frames <= 0:
         return x
     batch, n = tf.shape(x)[0], tf.shape(x)[1]
@@ -158,8 +149,6 @@ def frame_shift_dataset(x: np.ndarray, labels: np.ndarray, batch_size: int, seed
     """An endless tf.data pipeline of (features, labels) batches of cached features, each clip shifted
     by up to `max_frames` frames (`shift_frames`), reshuffled each epoch. Returns (dataset,
     steps_per_epoch). Deterministic given `seed`."""
-    import tensorflow as tf
-
     if len(x) != len(labels):
         raise ValueError(f"{len(x)} feature arrays but {len(labels)} labels")
 
@@ -183,10 +172,6 @@ def training_dataset(waves: np.ndarray, labels: np.ndarray, feature_spec, sample
     """An endless tf.data pipeline of (features, labels) batches: clips shuffled each epoch, augmented
     and turned into features on the fly. Returns (dataset, steps_per_epoch); batches never straddle
     epochs. Deterministic given `seed`."""
-    import tensorflow as tf
-
-    from qat.features import features_tf
-
     if len(waves) != len(labels):
         raise ValueError(f"{len(waves)} waveforms but {len(labels)} labels")
     steps = int(np.ceil(len(waves) / batch_size))
@@ -242,7 +227,7 @@ def training_data(data: Optional[DataSpec], feature_spec, trainer, feats, seed: 
                                 "aug_setup_s": time.perf_counter() - t0}
     waves, kept = load_waveforms(list(feats.files["train"]), data)
     if not kept.all() or len(waves) != len(labels):
-        raise ConfigError(f"{int((~kept).sum())} training clip(s) of {data.name!r} are unreadable now but were "
+        raise DataError(f"{int((~kept).sum())} training clip(s) of {data.name!r} are unreadable now but were "
                           "read when the features were cached: clear the feature cache (cache_dir) and rerun")
     max_shift = int(round(trainer.time_shift_ms * data.sample_rate / 1000.0))
     dataset, steps = training_dataset(waves, labels, feature_spec, data.sample_rate, trainer.batch_size, seed,

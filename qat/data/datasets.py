@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import soundfile
+from scipy.signal import resample_poly
 
-from qat import ConfigError
+from qat.checks import Checked, Integer, ListOf, Nullable, Number, OneOf, Text, setting
+from qat.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -55,48 +58,44 @@ DOWNLOADS = {
 
 
 @dataclass(frozen=True)
-class DataSpec:
-    """Which clips, which labels, how they are split and how long they are."""
+class DataSpec(Checked):
+    """Which clips, which labels, how they are split and how long they are (conf/data/*.yaml; a
+    setting that does not apply to a source is null there)."""
 
-    name: str = "speech_commands"
-    root: str = ""
-    task: str = "seed"                  # speech_commands only
-    sample_rate: int = 16000
-    clip_seconds: float = 1.0
-    val_percent: float = 10.0           # speech_commands / folder: share of speakers (hashed)
-    test_percent: float = 10.0
-    split_salt: str = "lstm-qat"        # see split_of(); "" gives Speech Commands' own assignment
-    fsdd_val_takes: Tuple[int, int] = (5, 9)   # fsdd: takes carved from training for validation
-    limit_per_class: Optional[int] = None     # keep the first N files of each label (small test runs)
-    on_bad_file: str = "error"          # error: stop naming the file; skip: warn and count
-    download: Optional[str] = None      # a DOWNLOADS key to fetch into `root` when it is missing
+    section = "data"
 
-    def __post_init__(self):
-        if self.name not in SOURCES:
-            raise ConfigError(f"data.name={self.name!r} is not allowed: expected one of {', '.join(SOURCES)}")
-        if self.name == "speech_commands" and self.task not in TASKS:
-            raise ConfigError(f"data.task={self.task!r} is not allowed: expected one of {', '.join(TASKS)}")
-        if self.on_bad_file not in ON_BAD_FILE:
-            raise ConfigError(f"data.on_bad_file={self.on_bad_file!r} is not allowed: expected one of "
-                              f"{', '.join(ON_BAD_FILE)}")
-        if not (0 <= self.val_percent < 100 and 0 < self.test_percent < 100
-                and self.val_percent + self.test_percent < 100):
+    name: str = setting(OneOf(SOURCES))
+    root: str = setting(Text())
+    task: Optional[str] = setting(Nullable(OneOf(TASKS)))             # speech_commands only
+    sample_rate: int = setting(Integer(1000, expected="an integer >= 1000 (Hz)"))
+    clip_seconds: float = setting(Number(0, low_open=True))
+    val_percent: Optional[float] = setting(Nullable(Number(0, 100, high_open=True)))   # share of speakers
+    test_percent: Optional[float] = setting(Nullable(Number(0, 100, low_open=True, high_open=True)))
+    split_salt: Optional[str] = setting(Nullable(Text()))             # see split_of(); "" = Speech Commands' own
+    fsdd_val_takes: Optional[Tuple[int, int]] = setting(Nullable(ListOf(Integer(0), length=2)))  # fsdd only
+    limit_per_class: Optional[int] = setting(Nullable(Integer(1)))   # keep the first N files of each label
+    on_bad_file: str = setting(OneOf(ON_BAD_FILE))   # error: stop naming the file; skip: warn and count
+    download: Optional[str] = setting(Nullable(OneOf(tuple(DOWNLOADS))))  # fetched into `root` when missing
+
+    def check(self) -> None:
+        needs = {"fsdd": ("fsdd_val_takes",), "folder": ("val_percent", "test_percent", "split_salt"),
+                 "speech_commands": ("task", "val_percent", "test_percent", "split_salt")}[self.name]
+        for key in needs:
+            if getattr(self, key) is None:
+                raise ConfigError(f"data.{key}=None is not allowed with data.name={self.name}: expected a value")
+        if self.val_percent is not None and self.test_percent is not None \
+                and not self.val_percent + self.test_percent < 100:
             raise ConfigError(f"data.val_percent={self.val_percent}, data.test_percent={self.test_percent} "
-                              "are not allowed: expected 0 <= val, 0 < test, val + test < 100")
-        if self.limit_per_class is not None and int(self.limit_per_class) < 1:
-            raise ConfigError(f"data.limit_per_class={self.limit_per_class!r} is not allowed: expected null "
-                              "or a positive integer")
-        if self.download is not None and self.download not in DOWNLOADS:
-            raise ConfigError(f"data.download={self.download!r} is not allowed: expected null or one of "
-                              f"{', '.join(DOWNLOADS)}")
-        if int(self.sample_rate) < 1000 or float(self.clip_seconds) <= 0:
-            raise ConfigError(f"data.sample_rate={self.sample_rate}, data.clip_seconds={self.clip_seconds} "
-                              "are not allowed: expected a rate >= 1000 Hz and a positive length")
-        object.__setattr__(self, "fsdd_val_takes", tuple(int(t) for t in self.fsdd_val_takes))
+                              "are not allowed: expected val + test < 100")
 
     @property
     def num_samples(self) -> int:
         return int(round(self.sample_rate * self.clip_seconds))
+
+    @property
+    def task_name(self) -> str:
+        """The task a run reports: the speech_commands task, else the data set's name."""
+        return self.task if self.name == "speech_commands" else self.name
 
 
 @dataclass
@@ -170,7 +169,7 @@ def list_files(spec: DataSpec) -> FileList:
     else:
         by_label = {d.name: _wavs(d) for d in sorted(root.iterdir()) if d.is_dir() and _wavs(d)}
     if not by_label or not any(by_label.values()):
-        raise ConfigError(f"no WAV files found for data.name={spec.name!r} under {root}")
+        raise DataError(f"no WAV files found for data.name={spec.name!r} under {root}")
     class_names = list(by_label)
     out = FileList(class_names, {s: [] for s in SPLITS}, {s: [] for s in SPLITS}, {s: [] for s in SPLITS})
     for index, name in enumerate(class_names):
@@ -186,8 +185,8 @@ def list_files(spec: DataSpec) -> FileList:
             out.speakers[split].append(speaker)
     for split in SPLITS:
         if not out.files[split]:
-            raise ConfigError(f"the {split} part of {spec.name!r} under {root} is empty "
-                              f"(data.limit_per_class={spec.limit_per_class}); use more clips per class")
+            raise DataError(f"the {split} part of {spec.name!r} under {root} is empty "
+                            f"(data.limit_per_class={spec.limit_per_class}); use more clips per class")
     return out
 
 
@@ -195,8 +194,8 @@ def _speech_commands_labels(root: Path, task: str) -> Dict[str, List[str]]:
     def folder(word):
         path = root / word
         if not path.is_dir():
-            raise ConfigError(f"{root} does not look like Speech Commands: no folder {word!r} "
-                              "(expected <label>/<speaker>_nohash_<n>.wav)")
+            raise DataError(f"{root} does not look like Speech Commands: no folder {word!r} "
+                            "(expected <label>/<speaker>_nohash_<n>.wav)")
         return _wavs(path)
 
     if task == "seed":
@@ -214,7 +213,7 @@ def _speech_commands_labels(root: Path, task: str) -> Dict[str, List[str]]:
         labels[UNKNOWN] = sorted(p for d in extra for p in _wavs(d))
     labels[SILENCE] = folder(SILENCE) if (root / SILENCE).is_dir() else []
     if not labels[SILENCE]:
-        raise ConfigError(f"task kws12 needs a {SILENCE} folder of one-second noise clips under {root}")
+        raise DataError(f"task kws12 needs a {SILENCE} folder of one-second noise clips under {root}")
     return labels
 
 
@@ -228,7 +227,7 @@ def _fsdd_labels(root: Path) -> Dict[str, List[str]]:
         if m:
             labels[m.group(1)].append(path)
     if not any(labels.values()):
-        raise ConfigError(f"{root} does not look like FSDD: no files named {{digit}}_{{speaker}}_{{take}}.wav")
+        raise DataError(f"{root} does not look like FSDD: no files named {{digit}}_{{speaker}}_{{take}}.wav")
     return labels
 
 
@@ -245,22 +244,18 @@ def _fsdd_split(path: str, val_takes: Tuple[int, int]) -> Tuple[str, str]:
 def read_wav(path: str, sample_rate: int, num_samples: int) -> np.ndarray:
     """One clip as float32 mono at `sample_rate`, zero-padded at the end or cropped to `num_samples`.
 
-    Raises ConfigError naming the file when it is empty, corrupt or not audio.
+    Raises DataError naming the file when it is empty, corrupt or not audio.
     """
-    import soundfile
-
     try:
         audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile's errors for corrupt / non-audio files
-        raise ConfigError(f"cannot read WAV file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise DataError(f"cannot read WAV file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if audio.size == 0:
-        raise ConfigError(f"cannot read WAV file {path}: it holds no samples")
+        raise DataError(f"cannot read WAV file {path}: it holds no samples")
     audio = audio.mean(axis=1)
     if not np.all(np.isfinite(audio)):
-        raise ConfigError(f"cannot read WAV file {path}: it holds NaN or Inf samples")
+        raise DataError(f"cannot read WAV file {path}: it holds NaN or Inf samples")
     if rate != sample_rate:
-        from scipy.signal import resample_poly
-
         g = gcd(int(rate), int(sample_rate))
         audio = resample_poly(audio, sample_rate // g, rate // g).astype(np.float32)
     if len(audio) >= num_samples:
@@ -276,7 +271,7 @@ def load_waveforms(paths: List[str], spec: DataSpec) -> Tuple[np.ndarray, np.nda
     for i, path in enumerate(paths):
         try:
             waves[i] = read_wav(path, spec.sample_rate, spec.num_samples)
-        except ConfigError as e:
+        except DataError as e:
             if spec.on_bad_file == "error":
                 raise
             kept[i] = False
@@ -299,7 +294,7 @@ def download(name: str, dest: Path) -> Path:
         try:
             urllib.request.urlretrieve(url, archive)
         except OSError as e:
-            raise ConfigError(f"cannot download {name} from {url}: {e}")
+            raise DataError(f"cannot download {name} from {url}: {e}")
         unpacked = Path(tmp) / "unpacked"
         if archive.suffix == ".zip":
             with zipfile.ZipFile(archive) as z:

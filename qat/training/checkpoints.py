@@ -13,10 +13,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import tf_keras as keras
+
+from qat.io import atomic_dir, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ def digest(obj: Any) -> str:
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """Exclusive advisory lock held for the `with` block (released if the process dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -43,23 +45,13 @@ def file_lock(path: Path) -> Iterator[None]:
 
 def save_model_dir(model, info: Dict[str, Any], folder: Path) -> None:
     """Write model + info into `folder` atomically (temporary sibling, then rename)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp"))
-    try:
+    with atomic_dir(folder) as tmp:
         model.save(tmp / MODEL_FILE)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model_dir(folder: Path) -> Tuple[Any, Dict[str, Any]]:
     """Load a model + info written by `save_model_dir`."""
-    import tf_keras as keras
-
     model = keras.models.load_model(folder / MODEL_FILE, compile=False)
     info = json.loads((folder / INFO_FILE).read_text())
     return model, info

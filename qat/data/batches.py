@@ -1,0 +1,45 @@
+"""Numpy arrays as tf.data batches for Keras.
+
+Keras' own adapter for numpy input builds a parallel map that TensorFlow's determinism rewrite
+(op determinism is on: qat.training.fit.set_seed) turns into a sequential map, logging a harmless
+"NodeDef mentions attribute use_unbounded_threadpool" error line whenever the last batch is partial.
+These pipelines are the adapter's, with a sequential map: the same batches (for training the same
+shuffled order, from the same random ops), so the same results, without the line.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+
+def batched(x: np.ndarray, y: Optional[np.ndarray] = None, batch_size: int = 256) -> tf.data.Dataset:
+    """The arrays as consecutive batches (no shuffling): for prediction and validation."""
+    return tf.data.Dataset.from_tensor_slices(x if y is None else (x, y)).batch(batch_size)
+
+
+def shuffled_batches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int) -> Tuple[tf.data.Dataset, int]:
+    """`epochs` epochs of (x, y) batches, reshuffled every epoch exactly as `model.fit(x, y,
+    shuffle=True)` shuffles them; returns (dataset, steps per epoch)."""
+    n = len(x)
+    full, partial = divmod(n, batch_size)
+
+    def permutation(_):
+        return tf.random.shuffle(tf.range(n, dtype=tf.int64))
+
+    def batch_indices(indices):
+        k = full * batch_size
+        flat = tf.data.Dataset.from_tensor_slices(tf.reshape(tf.slice(indices, [0], [k]), [full, batch_size]))
+        if partial:
+            flat = flat.concatenate(tf.data.Dataset.from_tensors(tf.slice(indices, [k], [partial])))
+        return flat
+
+    indices = tf.data.Dataset.range(1).repeat(epochs).map(permutation).prefetch(1).flat_map(batch_indices)
+    data = tf.data.Dataset.from_tensors((x, y)).repeat()
+    ds = tf.data.Dataset.zip((indices, data)).map(
+        lambda i, d: tf.nest.map_structure(lambda t: tf.gather(t, i, axis=0), d))
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    return ds.with_options(options), full + (1 if partial else 0)

@@ -1,0 +1,171 @@
+"""Whole-model quantization: which tensors of a model are quantized (`QuantConfig`), the fake-quant twin
+of a float model (`quantize_model`), freezing its ranges, and its quantized weights as integer codes.
+
+`quantize_model` swaps every `LSTM` for QLSTM and every `Dense` for QDense (same names, float
+weights copied, weight ranges fitted with each spec's estimator) and copies all other layers as they
+are. The twin trains with `model.fit` (straight-through gradients) and saves / loads as .keras.
+Activation ranges come from calibration (qat.algorithms.calibration); before it the activation
+quantizers pass data through.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Dict, List, Mapping, Optional
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from qat.errors import ConfigError
+from qat.layers.base import QuantizedLayer, float_source
+from qat.layers.dense import QDense
+from qat.layers.lstm import QLSTM
+from qat.quant.quantizers import RANGE, Strategy
+from qat.quant.spec import QuantSpec
+
+SPEC_FIELDS = ("weights", "bias", "inputs", "gates", "state")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What is quantized at which spec (None = keep float), and by which quantizer strategy."""
+
+    weights: Optional[QuantSpec] = None   # LSTM kernel + recurrent kernel + Dense kernel
+    bias: Optional[QuantSpec] = None      # LSTM and Dense biases
+    inputs: Optional[QuantSpec] = None    # layer inputs (act_bits); a Dense input is always per tensor:
+                                          # per-feature ranges of a flattened LSTM sequence would cost
+                                          # two floats per input, more than the weights they serve
+    gates: Optional[QuantSpec] = None     # the four LSTM gate activations (act_bits)
+    state: Optional[QuantSpec] = None     # LSTM cell state c and hidden state h (state_bits)
+    strategy: Strategy = RANGE            # qat.quant.quantizers.RANGE or LSQ (learned step sizes)
+    overrides: Mapping[str, QuantSpec] = field(default_factory=dict)  # e.g. {"lstm/kernel": QuantSpec(3)}
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in SPEC_FIELDS and v is not None and not isinstance(v, QuantSpec):
+                raise ConfigError(f"QuantConfig.{f.name}={v!r} is not allowed: expected a QuantSpec or None")
+        if not isinstance(self.strategy, Strategy):
+            raise ConfigError(f"QuantConfig.strategy={self.strategy!r} is not allowed: expected "
+                              "qat.quant.quantizers.RANGE or LSQ")
+        for name, spec in dict(self.overrides).items():
+            if not isinstance(spec, QuantSpec):
+                raise ConfigError(f"QuantConfig.overrides[{name!r}]={spec!r} is not allowed: expected a QuantSpec")
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """Whether any layer input, gate or state is quantized (then the model needs calibration)."""
+        return any(s is not None for s in (self.inputs, self.gates, self.state))
+
+    def weights_only(self) -> "QuantConfig":
+        """The same config with activations, gates and state left float."""
+        return replace(self, inputs=None, gates=None, state=None)
+
+
+QUANTIZED_LAYERS = (QLSTM, QDense)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """One exported weight tensor: integer codes plus what is needed to read them back."""
+
+    codes: np.ndarray        # int32, same shape as the weight
+    scale: np.ndarray        # float32, broadcastable to the weight (one per quantization group)
+    zero_point: np.ndarray   # float32 holding integers, same shape as scale
+    spec: QuantSpec
+    values: np.ndarray       # float32 dequantized weight = scale * (codes - zero_point), as the model uses it
+
+
+def _weight_names(layer) -> List[str]:
+    if isinstance(layer, (keras.layers.LSTM, QLSTM)):
+        names = ["kernel", "recurrent_kernel"] + (["bias"] if layer.use_bias else [])
+    elif type(layer) in (keras.layers.Dense, QDense):
+        names = ["kernel"] + (["bias"] if layer.use_bias else [])
+    else:
+        return []
+    return [f"{layer.name}/{n}" for n in names]
+
+
+def weight_tensor_names(model) -> List[str]:
+    """Names of the quantizable weight tensors ("<layer>/<weight>"), in layer order; the keys of
+    QuantConfig.overrides and of `quantized_weights`."""
+    return [n for layer in model.layers for n in _weight_names(layer)]
+
+
+def float_weight(model, name: str) -> np.ndarray:
+    """A float model's weight by its "<layer>/<weight>" name."""
+    layer, weight = name.split("/")
+    return getattr(float_source(model.get_layer(layer)), weight).numpy()
+
+
+def _layer_specs(layer, cfg: QuantConfig) -> dict:
+    names = {n.split("/")[-1]: n for n in _weight_names(layer)}
+    specs = {w: cfg.overrides.get(full, cfg.bias if w == "bias" else cfg.weights) for w, full in names.items()}
+    specs["input"] = cfg.inputs
+    if isinstance(layer, keras.layers.LSTM):
+        specs.update(gate=cfg.gates, state=cfg.state)
+    elif cfg.inputs is not None and cfg.inputs.granularity == "per_channel":
+        specs["input"] = replace(cfg.inputs, granularity="per_tensor")
+    return specs
+
+
+def _clone(layer, cfg: QuantConfig):
+    if isinstance(layer, keras.layers.LSTM):
+        return QLSTM.from_float(layer, _layer_specs(layer, cfg), cfg.strategy)
+    if type(layer) is keras.layers.Dense:
+        return QDense.from_float(layer, _layer_specs(layer, cfg), cfg.strategy)
+    if isinstance(layer, (keras.layers.RNN, keras.layers.Wrapper)):
+        raise ConfigError(f"layer '{layer.name}' ({type(layer).__name__}) is not supported by quantize_model: "
+                          "expected plain LSTM and Dense layers (other layers are copied as float)")
+    return layer.__class__.from_config(layer.get_config())
+
+
+def quantize_model(float_model, cfg: QuantConfig):
+    """The fake-quant twin of `float_model`: LSTM -> QLSTM, Dense -> QDense with the quantizers `cfg`
+    asks for, float weights copied, weight ranges initialised from the float weights with each
+    spec's estimator; other layers (Normalization, Flatten, Dropout, ...) copied as they are."""
+    if not isinstance(cfg, QuantConfig):
+        raise ConfigError(f"cfg={cfg!r} is not allowed: expected a qat.layers.model.QuantConfig")
+    valid = weight_tensor_names(float_model)
+    unknown = sorted(set(cfg.overrides) - set(valid))
+    if unknown:
+        raise ConfigError(f"override name(s) {unknown} are not allowed: expected names among {valid}")
+    qmodel = keras.models.clone_model(float_model, clone_function=lambda layer: _clone(layer, cfg))
+    for layer in float_model.layers:
+        twin = qmodel.get_layer(layer.name)
+        if isinstance(twin, QuantizedLayer):
+            twin.copy_float_weights(layer)
+        elif layer.weights:
+            twin.set_weights(layer.get_weights())
+    return qmodel
+
+
+def quantized_layers(qmodel) -> List[QuantizedLayer]:
+    return [layer for layer in qmodel.layers if isinstance(layer, QuantizedLayer)]
+
+
+def freeze_ranges(qmodel) -> None:
+    """Fix every quantization range of a fake-quant model where it is now: weight quantizers keep
+    their current scale / zero point instead of following the weights, learned scales stop training.
+    After this the model computes exactly what its exported integer weights compute. Quantizers
+    already frozen are left as they are, so this can be called again after changing other weights."""
+    for layer in quantized_layers(qmodel):
+        for name, q in layer.weight_quantizers.items():
+            if float(q.frozen.numpy()) == 0.0:
+                q.freeze(getattr(layer, name))
+        for q in layer.activation_quantizers.values():
+            q.freeze()
+
+
+def quantized_weights(qmodel) -> Dict[str, QuantizedTensor]:
+    """Every quantized weight tensor of a `quantize_model` twin, as integer codes + scale/zero point,
+    computed exactly as the forward pass does (float weights left float are not included)."""
+    out = {}
+    for layer in quantized_layers(qmodel):
+        for name, q in layer.weight_quantizers.items():
+            w = tf.convert_to_tensor(getattr(layer, name))
+            scale, zp = q.scale_zero_point(w)
+            codes = tf.clip_by_value(tf.round(w / scale + zp), q.spec.qmin, q.spec.qmax)
+            out[f"{layer.name}/{name}"] = QuantizedTensor(codes.numpy().astype(np.int32), scale.numpy(),
+                                                          zp.numpy(), q.spec, q(w).numpy())
+    return out
