@@ -24,16 +24,19 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from qat.config import exit_on_user_error, logger_spec, run_spec  # noqa: E402
+from qat.config import job, logger_spec, run_spec, saved_config  # noqa: E402
+from qat.errors import ConfigError  # noqa: E402
 from qat.experiment import load_run, predict_saved_run, run_experiment  # noqa: E402
 from qat.tracking import start_run  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-@exit_on_user_error
+@job
 def main(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "run_dir"):
+        raise ConfigError("run_dir is missing: expected run_dir=<the output folder of a train.py run>")
     saved = load_run(cfg.run_dir)
-    config = OmegaConf.to_container(OmegaConf.load(os.path.join(cfg.run_dir, ".hydra", "config.yaml")), resolve=True)
+    config = saved_config(cfg.run_dir)
     config["predict"] = OmegaConf.to_container(cfg.predict, resolve=True)
     config["verbose"] = cfg.verbose
     if cfg.get("quant") is not None:
@@ -50,10 +53,8 @@ def main(cfg: DictConfig) -> None:
     logger = {**config["logger"], "mode": cfg.logger.mode, "job_type": "evaluate"}
     tracker = start_run(logger_spec({"logger": logger}), out_dir, {**config, "source_run": cfg.run_dir},
                         name=f"eval-{os.path.basename(os.path.normpath(cfg.run_dir))}")
-    try:
+    with tracker.scope():
         s = run_experiment(spec, out_dir, tracker, float_from=cfg.run_dir)
-    finally:
-        tracker.finish()
     print(f"run {cfg.run_dir} ({saved['method']} bits={saved['bits']}): saved float acc "
           f"{100 * saved['float/test_acc']:.2f}%, saved quant acc {100 * saved['quant/test_acc']:.2f}%")
     print(f"re-evaluated ({s['method']} bits={s['bits']}): float acc {100 * s['float/test_acc']:.2f}% "

@@ -18,22 +18,19 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from qat.config import exit_on_user_error, logger_spec, run_spec  # noqa: E402
+from qat.config import job, logger_spec, run_spec  # noqa: E402
 from qat.experiment import run_experiment  # noqa: E402
 from qat.tracking import start_run  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-@exit_on_user_error
+@job
 def main(cfg: DictConfig) -> float:
     config = OmegaConf.to_container(cfg, resolve=True)
     spec = run_spec(config)
     run_dir = HydraConfig.get().runtime.output_dir
-    tracker = start_run(logger_spec(config), run_dir, config, name=os.path.basename(run_dir))
-    try:
+    with start_run(logger_spec(config), run_dir, config, name=os.path.basename(run_dir)).scope() as tracker:
         s = run_experiment(spec, run_dir, tracker)
-    finally:
-        tracker.finish()
     print(f"[{s['method']} bits={s['bits']} seed={s['seed']} {s['task']}] float acc {100 * s['float/test_acc']:.2f}% "
           f"| quant acc {100 * s['quant/test_acc']:.2f}% | degradation {s['quant/degradation']:+.2f} pts "
           f"| {s['time/total_s']:.0f}s | {run_dir}")

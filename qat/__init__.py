@@ -21,6 +21,6 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from qat.errors import ConfigError, DataError, UserError  # noqa: E402
+from qat.errors import ConfigError, DataError, TrainingError, UserError  # noqa: E402
 
-__all__ = ["ConfigError", "DataError", "UserError"]
+__all__ = ["ConfigError", "DataError", "TrainingError", "UserError"]

@@ -1,24 +1,54 @@
-"""The edge between a composed config (a plain, resolved dict, as Hydra gives it) and the typed specs
-of the library: every value is checked here once, before any data is read, with one-line errors."""
+"""The Hydra edge: a composed config (a plain, resolved dict, as Hydra gives it) becomes the typed
+specs of the library, every value checked here once, before any data is read, with one-line
+errors; and the job wrapper of the entry points, which decides what a failure looks like.
+
+A failed job (see `job`):
+- bad input (UserError): `error: <one line>` on stderr and in the job's log file, exit code 2; a
+  run folder that holds nothing but Hydra's own files is removed;
+- Ctrl-C: `interrupted` on stderr, exit code 130;
+- any other exception (a bug): its traceback in the job's log file and on stderr;
+- in a multirun, the job writes `error.txt` into its folder instead of stopping the sweep; the
+  `FailedJobsReport` callback lists the failed jobs when the sweep ends and exits with code 1.
+The W&B run of a failed job is marked failed (qat.tracking.Tracker.scope).
+"""
 from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import sys
-from typing import Any, Callable, Mapping
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from qat.algorithms.predict import PredictSpec
 from qat.checks import Integer
 from qat.data.datasets import DataSpec
 from qat.data.features import FeatureSpec
-from qat.errors import UserError
+from qat.errors import ConfigError, DataError, UserError
 from qat.experiment import RunSpec
+from qat.io import write_bytes
 from qat.recipes import base as recipes
 from qat.tracking import LoggerSpec
 from qat.training.fit import TrainSpec
 from qat.training.models import ModelSpec
 
+log = logging.getLogger(__name__)
+
 SEED = Integer(0)
+ERROR_FILE = "error.txt"       # written into the folder of a failed job of a multirun
+TRAIN_SECTIONS = ("data", "features", "model", "trainer", "quant", "logger", "bits", "seed")
+
+# `${run_id:}` in conf/config.yaml makes every run folder unique: two runs started in the same second
+# must not write into one folder. Cached per config, as Hydra's `${now:}` is.
+if not OmegaConf.has_resolver("run_id"):
+    OmegaConf.register_new_resolver("run_id", lambda: uuid.uuid4().hex[:6], use_cache=True)
 
 
 def _verbose(value: Any) -> int:
@@ -26,6 +56,15 @@ def _verbose(value: Any) -> int:
     if value in ("auto", None):
         return 1 if sys.stdout.isatty() else 0
     return Integer(0, 2, expected="auto, 0, 1 or 2")("verbose", value)
+
+
+def _cache_dir(value: Any):
+    if not value:
+        return None
+    path = Path(str(value)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"cache_dir={value!r} is a file: expected a folder (it is created if missing)")
+    return str(value)
 
 
 def run_spec(cfg: Mapping[str, Any]) -> RunSpec:
@@ -37,7 +76,7 @@ def run_spec(cfg: Mapping[str, Any]) -> RunSpec:
                    trainer=TrainSpec.from_config(cfg.get("trainer")),
                    recipe=recipes.RecipeSpec.from_config(cfg.get("quant"), bits),
                    predict=PredictSpec.from_config(cfg.get("predict")),
-                   seed=SEED("seed", cfg.get("seed")), cache_dir=cfg.get("cache_dir") or None,
+                   seed=SEED("seed", cfg.get("seed")), cache_dir=_cache_dir(cfg.get("cache_dir")),
                    verbose=_verbose(cfg.get("verbose", "auto")))
 
 
@@ -46,17 +85,87 @@ def logger_spec(cfg: Mapping[str, Any]) -> LoggerSpec:
     return LoggerSpec.from_config(cfg.get("logger"))
 
 
-def exit_on_user_error(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Entry-point decorator: bad input ends the program with `error: <one line>` and exit code 2,
-    instead of a traceback."""
+def saved_config(run_dir: str) -> Dict[str, Any]:
+    """The resolved train.py config saved in a run folder (`.hydra/config.yaml`); DataError for a
+    missing, unreadable or foreign one."""
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (OSError, OmegaConfBaseException, ValueError) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__}): expected the config a train.py run saved")
+    missing = [k for k in TRAIN_SECTIONS if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise DataError(f"{path} is not a train.py config: it lacks {', '.join(missing)}")
+    return config
+
+
+def _job_log(level: int, message: str, exc_info=None) -> None:
+    """Write to the job's log file(s) only (Hydra's file handler), not to the console."""
+    record = logging.getLogger("qat").makeRecord("qat", level, __file__, 0, message, (), exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Remove a run folder that holds nothing but Hydra's own files (a run rejected at the start),
+    and the date folders above it that this leaves empty (`outputs/<day>`, `outputs`, at most two)."""
+    job_log = f"{HydraConfig.get().job.name}.log"
+    if not (run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", job_log}):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in list(run_dir.resolve().parents)[:2]:
+        if parent == Path.cwd().resolve() or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
+def job(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Entry-point decorator (inside `@hydra.main`): what a failed job looks like (module doc)."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(cfg):
+        hydra = HydraConfig.get()
+        run_dir = Path(hydra.runtime.output_dir)
+        multirun = hydra.mode == RunMode.MULTIRUN
         try:
-            return fn(*args, **kwargs)
+            return fn(cfg)
         except UserError as e:
-            logging.getLogger("qat").debug("user error", exc_info=True)
-            print(f"error: {e}", file=sys.stderr)
+            message = f"error: {e}"
+            _job_log(logging.ERROR, message)
+            if multirun:
+                write_bytes(run_dir / ERROR_FILE, (message + "\n").encode())
+                print(message, file=sys.stderr)
+                return None
+            print(message, file=sys.stderr)
+            _remove_if_empty(run_dir)
             sys.exit(2)
+        except KeyboardInterrupt:
+            _job_log(logging.ERROR, "interrupted")
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Exception as e:
+            _job_log(logging.ERROR, "the run failed", exc_info=sys.exc_info())
+            if multirun:
+                line = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (traceback in the job's log)"
+                write_bytes(run_dir / ERROR_FILE, (line + "\n").encode())
+                log.error("job %s failed: %s", run_dir, line)
+                return None
+            raise
 
     return wrapper
+
+
+class FailedJobsReport(Callback):
+    """At the end of a multirun: the jobs that failed (their folders and errors), and exit code 1 if
+    any did. Configured in conf/config.yaml (`hydra.callbacks`)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        jobs = sorted(p.parent for p in sweep.glob("*/.hydra"))
+        failed = [(j, (j / ERROR_FILE).read_text().strip()) for j in jobs if (j / ERROR_FILE).is_file()]
+        if failed:
+            print(f"{len(failed)} of {len(jobs)} jobs failed:", file=sys.stderr)
+            for folder, message in failed:
+                print(f"  {folder}: {message}", file=sys.stderr)
+            sys.exit(1)

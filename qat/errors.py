@@ -18,3 +18,8 @@ class ConfigError(UserError, ValueError):
 class DataError(UserError):
     """Data that cannot be used as it is: an unreadable WAV, a damaged cache or packed file, a folder
     that is not a finished run, a model whose weights are not finite."""
+
+
+class TrainingError(UserError):
+    """Training that cannot give a usable model with these settings: a loss or weights that are not
+    finite (the learning rate is too high for the data)."""

@@ -24,7 +24,7 @@ from qat.io import make_dirs, write_json
 from qat.metrics import evaluate, plot_confusion
 from qat.recipes.base import RecipeContext, RecipeSpec
 from qat.tracking import Tracker
-from qat.training.checkpoints import MODEL_FILE, cached_float_model, digest, load_model_dir, save_model_dir
+from qat.training.checkpoints import INFO_FILE, MODEL_FILE, cached_float_model, digest, load_model_dir, save_model_dir
 from qat.training.fit import TrainSpec, fit, set_seed
 from qat.training.models import ModelSpec, build_model
 
@@ -115,7 +115,7 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
     feats = load_features(spec.data, spec.features, spec.cache_dir)
     t_features = time.perf_counter() - t0
     if float_from is not None:
-        model, info = load_model_dir(Path(float_from) / FLOAT_DIR)
+        model, info = load_saved_float_model(float_from)
         reused = True
     else:
         model, info, reused = float_model(spec, feats, run_dir, tracker)
@@ -125,6 +125,8 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
         "state_bits": bits.state_bits, "seed": spec.seed, "data": spec.data.name, "task": spec.data.task_name,
         "classes": feats.class_names,
         "n_train": len(feats.y["train"]), "n_val": len(feats.y["val"]), "n_test": len(feats.y["test"]),
+        "data/skipped_files": sum(len(v) for v in feats.skipped.values()),
+        "data/skipped": sorted(f for v in feats.skipped.values() for f in v),
         "float/reused": reused, "float/epochs": info["epochs"], "float/best_epoch": info["best_epoch"],
         "float/sec_per_epoch": info["sec_per_epoch"], "float/params": int(model.count_params()),
         "float/size_bytes": float_size_bytes(model), "time/features_s": t_features,
@@ -162,15 +164,28 @@ def log_summary(tracker: Tracker, summary: Dict[str, Any]) -> None:
 
 
 def load_run(run_dir: str) -> Dict[str, Any]:
-    """The summary of a finished run; a clear error for a missing or foreign folder."""
+    """The summary of a finished run; a one-line error for a missing, unfinished or damaged folder."""
     path = Path(run_dir)
     if not path.is_dir():
         raise ConfigError(f"run_dir={run_dir!r} is not a folder: expected the output folder of a train.py run")
-    missing = [p for p in (SUMMARY_FILE, f"{FLOAT_DIR}/{MODEL_FILE}", ".hydra/config.yaml")
+    missing = [p for p in (SUMMARY_FILE, f"{FLOAT_DIR}/{MODEL_FILE}", f"{FLOAT_DIR}/{INFO_FILE}", ".hydra/config.yaml")
                if not (path / p).exists()]
     if missing:
         raise DataError(f"run_dir={run_dir!r} is not a finished train.py run: missing {', '.join(missing)}")
-    return json.loads((path / SUMMARY_FILE).read_text())
+    try:
+        return json.loads((path / SUMMARY_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path / SUMMARY_FILE} ({type(e).__name__}): the run folder is damaged")
+
+
+def load_saved_float_model(run_dir: str):
+    """(model, info) of a finished run's float model; DataError naming the file if it is damaged."""
+    folder = Path(run_dir) / FLOAT_DIR
+    try:
+        return load_model_dir(folder)
+    except Exception as e:  # a truncated or foreign file: Keras raises many kinds of errors
+        raise DataError(f"cannot load the float model in {folder} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}): the run folder is damaged; rerun train.py")
 
 
 def predict_saved_run(spec: RunSpec, run_dir: str, max_drop: Optional[float] = None, verify: bool = True) -> str:
@@ -179,6 +194,6 @@ def predict_saved_run(spec: RunSpec, run_dir: str, max_drop: Optional[float] = N
     Nullable(MAX_DROP)("max_drop", max_drop)
     t0 = time.perf_counter()
     feats = load_features(spec.data, spec.features, spec.cache_dir)
-    model, _ = load_model_dir(Path(run_dir) / FLOAT_DIR)
+    model, _ = load_saved_float_model(run_dir)
     r = predict_run(model, feats, spec.predict, spec.seed, max_drop, verify)
     return f"run {run_dir}\n" + format_report(r) + f"\n(total {time.perf_counter() - t0:.1f} s)"

@@ -1,16 +1,27 @@
 """Writing files and folders so that a reader sees the old version or the new one, never half of one:
 everything is written under a temporary name in the same folder and renamed into place. Files and
 folders get the permissions the user's umask gives (not the 0600 / 0700 of temporary files), so a
-cache or a run folder can be shared."""
+cache or a run folder can be shared. Also the lock that makes one run build a cache entry while
+others wait, and the removal of temporary files a killed writer left behind."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
+
+from qat.errors import DataError
+
+log = logging.getLogger(__name__)
+
+LOCK_TIMEOUT_S = 4 * 3600     # a run waiting for another run's cache entry gives up after this long
+LOCK_NOTE_S = 60              # and says so every minute while it waits
 
 
 def _umask() -> int:
@@ -74,3 +85,44 @@ def write_json(path: Path, obj: Any, default=float) -> None:
     become floats)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=default))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, what: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Exclusive advisory lock on `path` for the `with` block, released when the block ends or the
+    process dies. While another process holds it, the wait is logged (naming `what`) every minute;
+    after `timeout_s` a DataError names the lock file. OSError when the lock file cannot be created
+    (a read-only cache): the caller decides what to do without the lock."""
+    path = Path(path)
+    make_dirs(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        start = time.monotonic()
+        noted = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                if waited > timeout_s:
+                    raise DataError(f"gave up after {waited:.0f} s waiting for another run that holds {path} "
+                                    f"({what}): if no such run is alive, delete the lock file and rerun")
+                if noted is None or waited - noted >= LOCK_NOTE_S:
+                    log.info("waiting for another run that is %s (lock %s, %.0f s so far)", what, path, waited)
+                    noted = waited
+                time.sleep(min(1.0, timeout_s))
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale(folder: Path, prefix: str) -> None:
+    """Remove the temporary files and folders named `prefix*` in `folder` (call it while holding the
+    lock of the entry they belong to: then no live writer owns them)."""
+    for p in Path(folder).glob(f"{prefix}*"):
+        log.info("removing %s, left by a writer that was stopped", p)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)

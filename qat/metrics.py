@@ -30,8 +30,8 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
 
 
 def classification_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> Dict:
-    """Accuracy, balanced accuracy (mean per-class recall), macro F1, per-class accuracy and the
-    confusion matrix. Balanced accuracy and macro F1 matter because the classes are unbalanced
+    """Accuracy, balanced accuracy (mean per-class recall), macro F1, per-class accuracy (None for a
+    class with no clips in the split) and the confusion matrix. Balanced accuracy and macro F1 matter because the classes are unbalanced
     (the study's "unknown" is 6 of 8 words)."""
     n = len(class_names)
     cm = confusion_matrix(y_true, y_pred, n)
@@ -46,7 +46,7 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: S
         "acc": float(tp.sum() / max(cm.sum(), 1)),
         "balanced_acc": float(recall[present].mean()) if present.any() else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class_acc": {name: float(r) for name, r in zip(class_names, recall)},
+        "per_class_acc": {name: (float(r) if n else None) for name, r, n in zip(class_names, recall, support)},
         "confusion": cm.tolist(),
         "n": int(cm.sum()),
     }
@@ -62,22 +62,32 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, class_names: Sequence[str]) ->
     return classification_report(y, predict_classes(model, x), class_names)
 
 
+MAX_FIGURE_INCHES = 14     # the confusion figure's side, whatever the number of classes
+MAX_ANNOTATED = 30         # counts are written into the cells up to this many classes
+MAX_TICK_LABELS = 60       # class names on the axes up to this many classes
+
+
 def plot_confusion(cm: List[List[int]], class_names: Sequence[str], path: str, title: str) -> str:
-    """Save the confusion matrix (row-normalised colours, counts written in) as a PNG."""
+    """Save the confusion matrix (row-normalised colours) as a PNG. The picture is bounded whatever the
+    number of classes: at most MAX_FIGURE_INCHES a side, counts written in up to MAX_ANNOTATED classes,
+    class names up to MAX_TICK_LABELS (the matrix itself is in the summary either way)."""
     cm = np.asarray(cm)
+    n = len(class_names)
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    size = 2.0 + 0.5 * len(class_names)
+    size = min(2.0 + 0.5 * n, MAX_FIGURE_INCHES)
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(class_names)), class_names)
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    if n <= MAX_TICK_LABELS:
+        ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(n), class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
+    if n <= MAX_ANNOTATED:
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                        color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -2,10 +2,11 @@
 directory), online when asked for and reachable, or disabled."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import wandb
 
@@ -67,16 +68,35 @@ class Tracker:
     def table(self, key: str, columns: List[str], rows: List[List[Any]]) -> None:
         self._guard("table", lambda: self.run.log({key: wandb.Table(columns=columns, data=rows)}))
 
-    def finish(self) -> None:
-        self._guard("finish", lambda: self.run.finish())
+    def finish(self, exit_code: int = 0) -> None:
+        """End the run; a non-zero exit code marks it failed in W&B."""
+        self._guard("finish", lambda: self.run.finish(exit_code=exit_code))
         self.run = None
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator["Tracker"]:
+        """The run for the `with` block: finished when the block ends, marked failed (exit code 1,
+        130 for Ctrl-C) when it ends with an exception."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.finish(exit_code=130)
+            raise
+        except BaseException:
+            self.finish(exit_code=1)
+            raise
+        self.finish()
 
 
 def start_run(spec: LoggerSpec, run_dir: str, config: Dict[str, Any], name: Optional[str] = None) -> Tracker:
     """Start a W&B run whose files live under `run_dir/wandb`. Online mode falls back to offline
     when W&B cannot be reached or the user is not logged in; any other W&B failure gives a Tracker
-    that does nothing (with a warning)."""
+    that does nothing (with a warning). WANDB_MODE=disabled (or WANDB_DISABLED=true) in the
+    environment turns W&B off whatever the config says."""
     if spec.mode == "disabled":
+        return Tracker(None)
+    if os.environ.get("WANDB_MODE") == "disabled" or os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true"):
+        log.info("W&B is disabled by the environment (WANDB_MODE / WANDB_DISABLED)")
         return Tracker(None)
     os.makedirs(run_dir, exist_ok=True)
     kwargs = dict(project=spec.project, entity=spec.entity, group=spec.group, job_type=spec.job_type,

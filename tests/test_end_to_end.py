@@ -33,7 +33,7 @@ def small(tmp_path, name):
 
 
 def test_train_then_evaluate(speech_commands_root, tmp_path):
-    proc = run("train.py", *small(tmp_path, "run"))
+    proc = run("train.py", *small(tmp_path, "run"), "quant.refine_epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "run"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -49,7 +49,7 @@ def test_train_then_evaluate(speech_commands_root, tmp_path):
         assert noise not in proc.stdout + proc.stderr, noise
 
     # A second run with the same data/model/seed reuses the float checkpoint.
-    again = run("train.py", *small(tmp_path, "run2"))
+    again = run("train.py", *small(tmp_path, "run2"), "quant=none")
     assert again.returncode == 0, again.stderr[-3000:]
     summary2 = json.loads((tmp_path / "run2" / "summary.json").read_text())
     assert summary2["float/reused"] is True and summary2["float/test_acc"] == summary["float/test_acc"]
@@ -87,21 +87,13 @@ def test_unreachable_wandb_falls_back_to_offline(speech_commands_root, tmp_path)
      "error: state_bits=4 is not allowed with quant.method=qat_tfmot: tfmot cannot do it (use quant=qat or "
      "quant=qat_lsq)")])
 def test_bad_input_is_one_line_before_any_data_is_read(tmp_path, overrides, message):
-    proc = run("train.py", *overrides, *small(tmp_path, "bad"))
+    proc = run("train.py", *overrides, *small(tmp_path, "outputs/day/bad"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [message]
-    assert not (tmp_path / "bad" / "summary.json").exists()
+    assert not (tmp_path / "outputs").exists()          # a rejected run leaves no folder behind
     assert not (tmp_path / "cache").exists()            # no features extracted, nothing trained
 
 
 def test_bad_evaluate_input_is_one_line(tmp_path):
     ev = run("evaluate.py", f"run_dir={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'eval'}")
     assert ev.returncode == 2 and "is not a folder" in ev.stderr and "Traceback" not in ev.stderr
-
-
-def test_multirun_over_seeds(speech_commands_root, tmp_path):
-    proc = run("train.py", "-m", "seed=0,1", f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'multi'}",
-               "trainer.epochs=1", "data.limit_per_class=30", "model.units=8", "logger=none")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summaries = sorted((tmp_path / "multi").glob("*/summary.json"))
-    assert [json.loads(p.read_text())["seed"] for p in summaries] == [0, 1]

@@ -38,7 +38,7 @@ def _config(bits, granularity):
     return recipe.options.quant_config(recipe.bits)
 
 
-@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 def test_packed_model_is_bit_identical(small_model, tmp_path, bits, granularity):
     qmodel = quantize_model(small_model, _config(bits, granularity))

@@ -46,7 +46,7 @@ import tf_keras as keras
 from scipy.special import ndtr
 
 from qat.algorithms.calibration import calibration_indices
-from qat.checks import Bits, Checked, Integer, ListOf, Nullable, Number, OneOf, setting
+from qat.checks import Bits, Checked, Integer, ListOf, Nullable, Number, OneOf, rejected, setting
 from qat.errors import ConfigError, DataError
 from qat.layers.model import QuantConfig, freeze_ranges, quantize_model, weight_tensor_names
 from qat.metrics import predict_classes
@@ -276,7 +276,7 @@ def sensitivity(float_model, x: np.ndarray, y: np.ndarray, competitors: int = 2,
 def tensor_specs(names: Sequence[str], cfg: QuantConfig) -> Dict[str, Optional[QuantSpec]]:
     """The QuantSpec each weight tensor gets under `cfg` (None = float), as `quantize_model` does."""
     if not isinstance(cfg, QuantConfig):
-        raise ConfigError(f"cfg={cfg!r} is not allowed: expected a qat.layers.model.QuantConfig")
+        raise rejected("cfg", cfg, "a qat.layers.model.QuantConfig")
     if cfg.quantizes_activations:
         raise ConfigError("predict models weight quantization only: expected act_bits=null and state_bits=null")
     unknown = sorted(set(cfg.overrides) - set(names))

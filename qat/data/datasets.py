@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import tarfile
 import tempfile
 import urllib.request
@@ -167,7 +168,7 @@ def list_files(spec: DataSpec) -> FileList:
     elif spec.name == "fsdd":
         by_label = _fsdd_labels(root)
     else:
-        by_label = {d.name: _wavs(d) for d in sorted(root.iterdir()) if d.is_dir() and _wavs(d)}
+        by_label = _folder_labels(root)
     if not by_label or not any(by_label.values()):
         raise DataError(f"no WAV files found for data.name={spec.name!r} under {root}")
     class_names = list(by_label)
@@ -190,6 +191,29 @@ def list_files(spec: DataSpec) -> FileList:
     return out
 
 
+def _distinct(folders: List[Path]) -> None:
+    """DataError if two label folders are one folder on disk (a symlink): its clips would be counted
+    under two labels."""
+    seen: Dict[str, Path] = {}
+    for f in folders:
+        real = os.path.realpath(f)
+        if real in seen:
+            raise DataError(f"label folders {seen[real]} and {f} are the same folder ({real}): remove one of "
+                            "them (a symlink?)")
+        seen[real] = f
+
+
+def _folder_labels(root: Path) -> Dict[str, List[str]]:
+    """`folder` source: every non-hidden sub-folder is a label and must hold WAV files."""
+    folders = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    _distinct(folders)
+    labels = {d.name: _wavs(d) for d in folders}
+    for d in folders:
+        if not labels[d.name]:
+            raise DataError(f"label folder {d} holds no .wav files: add clips to it or remove it")
+    return labels
+
+
 def _speech_commands_labels(root: Path, task: str) -> Dict[str, List[str]]:
     def folder(word):
         path = root / word
@@ -198,6 +222,7 @@ def _speech_commands_labels(root: Path, task: str) -> Dict[str, List[str]]:
                             "(expected <label>/<speaker>_nohash_<n>.wav)")
         return _wavs(path)
 
+    _distinct([d for d in root.iterdir() if d.is_dir()])
     if task == "seed":
         labels = {w: folder(w) for w in SEED_WORDS}
         labels["unknown"] = sorted(p for w in SEED_UNKNOWN for p in folder(w))
@@ -241,6 +266,33 @@ def _fsdd_split(path: str, val_takes: Tuple[int, int]) -> Tuple[str, str]:
     return speaker, "train"
 
 
+def _declared_frames(path: str) -> Optional[int]:
+    """The number of sample frames a RIFF / WAVE header announces (its data chunk size over the
+    frame size), or None where the file is not such a WAV or does not say (streamed files)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            block_align = None
+            while True:
+                chunk = fh.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if cid == b"fmt ":
+                    fmt = fh.read(size + (size & 1))
+                    block_align = struct.unpack("<H", fmt[12:14])[0] if len(fmt) >= 14 else None
+                elif cid == b"data":
+                    if not block_align or size in (0, 0xFFFFFFFF):
+                        return None
+                    return size // block_align
+                else:
+                    fh.seek(size + (size & 1), os.SEEK_CUR)
+    except OSError:
+        return None
+
+
 def read_wav(path: str, sample_rate: int, num_samples: int) -> np.ndarray:
     """One clip as float32 mono at `sample_rate`, zero-padded at the end or cropped to `num_samples`.
 
@@ -252,6 +304,10 @@ def read_wav(path: str, sample_rate: int, num_samples: int) -> np.ndarray:
         raise DataError(f"cannot read WAV file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if audio.size == 0:
         raise DataError(f"cannot read WAV file {path}: it holds no samples")
+    declared = _declared_frames(path)
+    if declared is not None and len(audio) < declared:
+        raise DataError(f"cannot read WAV file {path}: it holds {len(audio)} of the {declared} samples its "
+                        "header announces (a truncated file)")
     audio = audio.mean(axis=1)
     if not np.all(np.isfinite(audio)):
         raise DataError(f"cannot read WAV file {path}: it holds NaN or Inf samples")

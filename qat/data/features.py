@@ -2,26 +2,27 @@
 and log compression; features are cached per data set + feature config."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
-from qat.checks import Checked, Flag, Integer, Number, setting
+from qat.checks import Checked, Flag, Integer, Number, rejected, setting
 from qat.data.datasets import SPLITS, DataSpec, list_files, load_waveforms
-from qat.errors import ConfigError, DataError
-from qat.io import atomic_path
+from qat.errors import DataError
+from qat.io import atomic_path, file_lock, remove_stale
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,9 @@ class FeatureSpec(Checked):
 
     def check(self) -> None:
         if self.fft_length < self.frame_length:
-            raise ConfigError(f"features.fft_length={self.fft_length} is not allowed: expected >= "
-                              f"features.frame_length={self.frame_length}")
+            raise rejected("features.fft_length", self.fft_length, f">= features.frame_length={self.frame_length}")
         if self.mel_bins > self.fft_length // 2 + 1:
-            raise ConfigError(f"features.mel_bins={self.mel_bins!r} is not allowed: expected 0 (linear bins) "
-                              f"or 1..{self.fft_length // 2 + 1}")
+            raise rejected("features.mel_bins", self.mel_bins, f"0 (linear bins) or 1..{self.fft_length // 2 + 1}")
 
     def shape(self, num_samples: int) -> Tuple[int, int]:
         """(frames, bins) of one clip."""
@@ -97,6 +96,7 @@ class Features:
     class_names: List[str]
     key: str = ""        # digest of data + front end: identifies these features in caches
     hop_ms: float = 0.0  # time between two frames (frame_step / sample rate), for shifts in frames
+    skipped: Dict[str, List[str]] = field(default_factory=lambda: {s: [] for s in SPLITS})  # unreadable, skipped
 
     @property
     def input_shape(self) -> Tuple[int, int]:
@@ -113,41 +113,76 @@ def cache_key(data: DataSpec, feats: FeatureSpec, signature: str) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def load_features(data: DataSpec, feats: FeatureSpec, cache_dir: str | None) -> Features:
-    """Features of every split, from the cache when the same data and front end were seen before,
-    else computed from the WAV files and cached (written atomically)."""
-    file_list = list_files(data)
-    key = cache_key(data, feats, file_list.signature())
-    hop_ms = 1000.0 * feats.frame_step / data.sample_rate
-    path = None
-    if cache_dir:
-        path = Path(os.path.expanduser(cache_dir)) / "features" / f"{data.name}-{key}.npz"
-        if path.is_file():
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    log.info("features from cache %s", path)
-                    return Features({s: z[f"x_{s}"] for s in SPLITS}, {s: z[f"y_{s}"] for s in SPLITS},
-                                    {s: list(z[f"files_{s}"]) for s in SPLITS}, list(z["class_names"]), key, hop_ms)
-            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
-                log.warning("feature cache %s is damaged (%s: %s); recomputing it", path, type(e).__name__, e)
-    x, y, files = {}, {}, {}
+def _mtime(path: Path) -> Optional[int]:
+    return path.stat().st_mtime_ns if path.is_file() else None
+
+
+def _read_cache(path: Path, key: str, hop_ms: float) -> Optional[Features]:
+    """The cached features in `path`, or None if absent or damaged (a damaged file is named)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = Features({s: z[f"x_{s}"] for s in SPLITS}, {s: z[f"y_{s}"] for s in SPLITS},
+                           {s: list(z[f"files_{s}"]) for s in SPLITS}, list(z["class_names"]), key, hop_ms,
+                           {s: list(z[f"skipped_{s}"]) for s in SPLITS})
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("feature cache %s is damaged (%s: %s); computing the features again", path, type(e).__name__, e)
+        return None
+    log.info("features from cache %s", path)
+    return out
+
+
+def _compute(file_list, data: DataSpec, feats: FeatureSpec, key: str, hop_ms: float) -> Features:
+    x, y, files, skipped = {}, {}, {}, {}
     for split in SPLITS:
         waves, kept = load_waveforms(file_list.files[split], data)
         x[split] = compute_features(waves, feats, data.sample_rate)
         y[split] = np.asarray(file_list.labels[split], np.int64)[kept]
         files[split] = [f for f, k in zip(file_list.files[split], kept) if k]
+        skipped[split] = [f for f, k in zip(file_list.files[split], kept) if not k]
         if len(x[split]) == 0:
             raise DataError(f"no readable clips in the {split} part of {data.name!r}")
-    out = Features(x, y, files, file_list.class_names, key, hop_ms)
-    if path is not None:
-        _save_atomic(path, out)
-    return out
+    return Features(x, y, files, file_list.class_names, key, hop_ms, skipped)
+
+
+def load_features(data: DataSpec, feats: FeatureSpec, cache_dir: str | None) -> Features:
+    """Features of every split, from the cache when the same data and front end were seen before,
+    else computed from the WAV files and cached (written atomically, under a lock so that parallel
+    runs compute them once). A damaged cache file is named and replaced; a cache that cannot be
+    written (read-only, another user's file) is a warning, and the run goes on without caching."""
+    file_list = list_files(data)
+    key = cache_key(data, feats, file_list.signature())
+    hop_ms = 1000.0 * feats.frame_step / data.sample_rate
+    if not cache_dir:
+        return _compute(file_list, data, feats, key, hop_ms)
+    path = Path(os.path.expanduser(cache_dir)) / "features" / f"{data.name}-{key}.npz"
+    seen = _mtime(path)
+    if (cached := _read_cache(path, key, hop_ms)) is not None:
+        return cached
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(path.with_suffix(".lock"), f"computing the features {path.name}"))
+        except OSError as e:
+            log.warning("feature cache %s cannot be written (%s); computing the features without caching",
+                        path.parent, e)
+            return _compute(file_list, data, feats, key, hop_ms)
+        if _mtime(path) != seen and (cached := _read_cache(path, key, hop_ms)) is not None:
+            return cached                                          # another run wrote it meanwhile
+        remove_stale(path.parent, f".{path.name}.")
+        out = _compute(file_list, data, feats, key, hop_ms)
+        try:
+            _save_atomic(path, out)
+        except OSError as e:
+            log.warning("could not write the feature cache %s (%s); going on without caching", path, e)
+        return out
 
 
 def _save_atomic(path: Path, f: Features) -> None:
     arrays = {"class_names": np.asarray(f.class_names)}
     for s in SPLITS:
-        arrays.update({f"x_{s}": f.x[s], f"y_{s}": f.y[s], f"files_{s}": np.asarray(f.files[s])})
+        arrays.update({f"x_{s}": f.x[s], f"y_{s}": f.y[s], f"files_{s}": np.asarray(f.files[s], dtype=str),
+                       f"skipped_{s}": np.asarray(f.skipped[s], dtype=str)})
     with atomic_path(path) as tmp:
         np.savez(tmp, **arrays)
     log.info("features cached in %s", path)

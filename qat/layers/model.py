@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from qat.checks import rejected
 from qat.errors import ConfigError
 from qat.layers.base import QuantizedLayer, float_source
 from qat.layers.dense import QDense
@@ -44,13 +45,13 @@ class QuantConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name in SPEC_FIELDS and v is not None and not isinstance(v, QuantSpec):
-                raise ConfigError(f"QuantConfig.{f.name}={v!r} is not allowed: expected a QuantSpec or None")
+                raise rejected(f"QuantConfig.{f.name}", v, "a QuantSpec or None")
         if not isinstance(self.strategy, Strategy):
             raise ConfigError(f"QuantConfig.strategy={self.strategy!r} is not allowed: expected "
                               "qat.quant.quantizers.RANGE or LSQ")
         for name, spec in dict(self.overrides).items():
             if not isinstance(spec, QuantSpec):
-                raise ConfigError(f"QuantConfig.overrides[{name!r}]={spec!r} is not allowed: expected a QuantSpec")
+                raise rejected(f"QuantConfig.overrides[{name!r}]", spec, "a QuantSpec")
 
     @property
     def quantizes_activations(self) -> bool:
@@ -125,7 +126,7 @@ def quantize_model(float_model, cfg: QuantConfig):
     asks for, float weights copied, weight ranges initialised from the float weights with each
     spec's estimator; other layers (Normalization, Flatten, Dropout, ...) copied as they are."""
     if not isinstance(cfg, QuantConfig):
-        raise ConfigError(f"cfg={cfg!r} is not allowed: expected a qat.layers.model.QuantConfig")
+        raise rejected("cfg", cfg, "a qat.layers.model.QuantConfig")
     valid = weight_tensor_names(float_model)
     unknown = sorted(set(cfg.overrides) - set(valid))
     if unknown:

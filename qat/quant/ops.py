@@ -19,7 +19,9 @@ def qparams_tf(lo, hi, spec: QuantSpec):
         scale = tf.maximum(-lo, hi) / float(spec.qmax)
         scale = tf.where(scale > TINY, scale, 1.0)
         return scale, tf.zeros_like(scale)
-    scale = (hi - lo) / float(spec.qmax - spec.qmin)
+    levels = float(spec.qmax - spec.qmin)
+    scale = (hi - lo) / levels
+    scale = tf.where(tf.math.is_finite(scale), scale, hi / levels - lo / levels)   # hi - lo overflowed
     scale = tf.where(scale > TINY, scale, 1.0)
     return scale, tf.clip_by_value(tf.round(-lo / scale), float(spec.qmin), float(spec.qmax))
 

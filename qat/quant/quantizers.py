@@ -22,6 +22,7 @@ from typing import Callable, ClassVar, Dict, NamedTuple, Sequence, Type
 import numpy as np
 import tensorflow as tf
 
+from qat.checks import OneOf
 from qat.errors import ConfigError
 from qat.quant.ops import fake_quant, fused_fake_quant, lsq_fake_quant, qparams_tf
 from qat.quant.reference import estimate_range, qparams, reduce_axes
@@ -344,6 +345,4 @@ STRATEGIES: Dict[str, Strategy] = {s.name: s for s in (RANGE, LSQ)}
 
 
 def strategy_named(name: str) -> Strategy:
-    if name not in STRATEGIES:
-        raise ConfigError(f"quantizer={name!r} is not allowed: expected one of {', '.join(STRATEGIES)}")
-    return STRATEGIES[name]
+    return STRATEGIES[OneOf(tuple(STRATEGIES))("quantizer", name)]

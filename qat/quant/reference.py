@@ -71,7 +71,8 @@ def estimate_range(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarr
 
 def qparams(lo, hi, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     """(scale, zero_point) for the range [lo, hi], widened to contain 0. A zero range (constant-zero
-    group) gets scale 1 and zero point 0, so it is reproduced exactly instead of dividing by zero."""
+    group) gets scale 1 and zero point 0, so it is reproduced exactly instead of dividing by zero; a
+    range whose width overflows float32 gets the scale hi / levels - lo / levels."""
     lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
     check_finite(lo, "range"), check_finite(hi, "range")
     bad = np.flatnonzero(np.broadcast_to(lo > hi, np.broadcast_shapes(lo.shape, hi.shape)))
@@ -83,7 +84,11 @@ def qparams(lo, hi, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
         scale = np.maximum(-lo, hi) / np.float32(spec.qmax)
         scale = np.where(scale > TINY, scale, np.float32(1)).astype(np.float32)
         return scale, np.zeros_like(scale)
-    scale = (hi - lo) / np.float32(spec.qmax - spec.qmin)
+    levels = np.float32(spec.qmax - spec.qmin)
+    with np.errstate(over="ignore"):
+        scale = (hi - lo) / levels
+    # a range near the float32 limits: hi - lo overflows, the scale does not
+    scale = np.where(np.isfinite(scale), scale, hi / levels - lo / levels)
     scale = np.where(scale > TINY, scale, np.float32(1)).astype(np.float32)
     zero_point = np.clip(np.round(-lo / scale), spec.qmin, spec.qmax).astype(np.float32)
     return scale, zero_point

@@ -20,9 +20,8 @@ import tf_keras as keras
 
 from qat.algorithms.calibration import batches, calibrate, calibration_clips
 from qat.algorithms.report import REPORT_COLUMNS, report_rows, report_summary, weight_report
-from qat.checks import Bits, Flag, Integer, ListOf, Nullable, Number, setting
+from qat.checks import Bits, Flag, Integer, ListOf, Nullable, Number, rejected, setting
 from qat.data.augment import training_data
-from qat.errors import ConfigError
 from qat.export.packed import load_packed_model, write_packed_model
 from qat.layers.model import QuantConfig, freeze_ranges, quantize_model
 from qat.metrics import predict_classes
@@ -92,10 +91,10 @@ class Qat(Recipe):
         super().check(opts, bits)
         progressive = list(opts.progressive_bits)
         if any(b <= bits.bits for b in progressive):
-            raise ConfigError(f"quant.progressive_bits={progressive} is not allowed: expected bit-widths above "
-                              f"bits={bits.bits}, in decreasing order")
+            raise rejected("quant.progressive_bits", progressive,
+                           f"bit-widths above bits={bits.bits}, in decreasing order")
         if progressive != sorted(progressive, reverse=True):
-            raise ConfigError(f"quant.progressive_bits={progressive} is not allowed: expected decreasing order")
+            raise rejected("quant.progressive_bits", progressive, "decreasing order")
 
     def run(self, ctx: RecipeContext, opts: QatOptions) -> RecipeResult:
         """Fine-tune the fake-quant twin, stage by stage when bits are lowered progressively, then
@@ -116,7 +115,8 @@ class Qat(Recipe):
                 if opts.freeze_ranges_after and stage_bits == bits.bits else []
             train_data, steps, _ = training_data(None, None, ctx.trainer, feats, ctx.seed)
             result = fit(qmodel, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], ctx.trainer,
-                         epochs=opts.epochs, learning_rate=opts.learning_rate, callbacks=callbacks,
+                         epochs=opts.epochs, learning_rate=opts.learning_rate, what="QAT fine-tuning",
+                         learning_rate_key="quant.learning_rate", callbacks=callbacks,
                          verbose=ctx.verbose, train_data=train_data, steps_per_epoch=steps,
                          **opts.fit_kwargs(model),
                          on_epoch=lambda e, logs, b=stage_bits: ctx.tracker.log(

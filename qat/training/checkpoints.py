@@ -1,24 +1,28 @@
 """A cache of trained float models keyed by everything that determines them (data, front end,
 model, trainer, seed), shared by every recipe and bit-width of a sweep.
 
-Concurrency: the first run to need a key takes an exclusive file lock and trains; other runs with
-the same key block on the lock and then load its result. The model is written to a temporary
-folder and renamed into place, so a crash never leaves a half-written checkpoint behind.
+Concurrency: a complete entry is read without a lock (entries appear by an atomic rename, so a
+read-only shared cache works); otherwise the first run to need a key takes an exclusive file lock
+and trains, and other runs with the same key wait for it and then load its result. The model is
+written to a temporary folder and renamed into place, so a crash never leaves a half-written
+checkpoint behind; temporary folders of a killed writer are removed by the next writer. A damaged
+entry (unreadable, or weights that are not finite) is named in a warning and trained again; a cache
+that cannot be written is a warning, and the run goes on without caching.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
+import numpy as np
 import tf_keras as keras
 
-from qat.io import atomic_dir, make_dirs
+from qat.io import atomic_dir, file_lock, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +33,6 @@ INFO_FILE = "float_info.json"
 def digest(obj: Any) -> str:
     """Short stable hash of a JSON-able description."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock held for the `with` block (released if the process dies)."""
-    make_dirs(path.parent)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def save_model_dir(model, info: Dict[str, Any], folder: Path) -> None:
@@ -57,6 +49,23 @@ def load_model_dir(folder: Path) -> Tuple[Any, Dict[str, Any]]:
     return model, info
 
 
+def _load_complete(folder: Path) -> Optional[Tuple[Any, Dict[str, Any]]]:
+    """The entry in `folder` if it is complete and sound, else None (a damaged one is named)."""
+    if not ((folder / MODEL_FILE).exists() and (folder / INFO_FILE).exists()):
+        return None
+    try:
+        model, info = load_model_dir(folder)
+    except Exception as e:  # unreadable: truncated, from an incompatible version, ...
+        log.warning("cached float model %s is damaged (%s: %s); training it again", folder, type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
+        return None
+    if not all(np.all(np.isfinite(w)) for w in model.get_weights()):
+        log.warning("cached float model %s has weights that are not finite; training it again", folder)
+        return None
+    log.info("float model reused from %s", folder)
+    return model, info
+
+
 def cached_float_model(cache_dir: Optional[str], key: str, train: Callable[[], Tuple[Any, Dict[str, Any]]],
                        reuse: bool = True) -> Tuple[Any, Dict[str, Any], bool]:
     """Return (model, info, reused): the cached float model for `key`, or the result of `train()`
@@ -66,14 +75,22 @@ def cached_float_model(cache_dir: Optional[str], key: str, train: Callable[[], T
         return model, info, False
     root = Path(os.path.expanduser(cache_dir)) / "float"
     folder = root / key
-    with file_lock(root / f"{key}.lock"):
-        if reuse and (folder / MODEL_FILE).exists() and (folder / INFO_FILE).exists():
-            try:
-                model, info = load_model_dir(folder)
-                log.info("float model reused from %s", folder)
-                return model, info, True
-            except Exception as e:  # a checkpoint from an incompatible version: retrain and replace it
-                log.warning("cached float model %s unreadable (%s); retraining", folder, e)
+    if reuse and (hit := _load_complete(folder)) is not None:
+        return (*hit, True)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(root / f"{key}.lock", f"training the float model {key}"))
+        except OSError as e:
+            log.warning("float-model cache %s cannot be written (%s); training without caching", root, e)
+            model, info = train()
+            return model, info, False
+        if reuse and (hit := _load_complete(folder)) is not None:   # another run trained it meanwhile
+            return (*hit, True)
+        remove_stale(root, f".{key}.tmp")
         model, info = train()
-        save_model_dir(model, info, folder)
+        try:
+            save_model_dir(model, info, folder)
+        except OSError as e:
+            log.warning("could not write the float model to the cache %s (%s); going on without caching",
+                        folder, e)
         return model, info, False

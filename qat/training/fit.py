@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -10,8 +11,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from qat.checks import Checked, Flag, Integer, ListOf, Nullable, Number, OneOf, Text, setting
-from qat.errors import ConfigError
+from qat.checks import Checked, Flag, Integer, ListOf, Nullable, Number, OneOf, Text, rejected, setting
+from qat.errors import TrainingError
 from qat.data.batches import batched, shuffled_batches
 from qat.training.distill import Distiller
 
@@ -44,8 +45,7 @@ class TrainSpec(Checked):
     def check(self) -> None:
         low, high = self.noise_snr_db
         if not low <= high:
-            raise ConfigError(f"trainer.noise_snr_db={list(self.noise_snr_db)!r} is not allowed: expected [low, high] "
-                              "in dB with low <= high")
+            raise rejected("trainer.noise_snr_db", list(self.noise_snr_db), "[low, high] in dB with low <= high")
         object.__setattr__(self, "noise_snr_db", (float(low), float(high)))
 
     @property
@@ -82,11 +82,34 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
+DIVERGED_LOSS = 100.0     # a training loss above this many times chance level (ln classes) has exploded
+
+
+def check_converged(model, history: Dict[str, List[float]], n_classes: int, what: str, learning_rate_key: str,
+                    learning_rate: float) -> None:
+    """TrainingError if the training loss or any weight of `model` is not finite, or the last epoch's
+    loss is above DIVERGED_LOSS x ln(classes) (a classifier at chance scores ln(classes))."""
+    losses = history.get("loss", [])
+    bad_epochs = [i + 1 for i, v in enumerate(losses) if not np.isfinite(v)]
+    bad_weights = [w.name for w in model.weights if not np.all(np.isfinite(w.numpy()))]
+    limit = DIVERGED_LOSS * math.log(max(n_classes, 2))
+    if bad_epochs:
+        where = f"the loss is not finite from epoch {bad_epochs[0]}"
+    elif bad_weights:
+        where = f"{len(bad_weights)} weight tensors hold NaN or Inf"
+    elif losses and losses[-1] > limit:
+        where = f"the loss is {losses[-1]:.3g} after epoch {len(losses)}, where chance level is {limit / DIVERGED_LOSS:.2f}"
+    else:
+        return
+    raise TrainingError(f"{what} diverged ({where}) with {learning_rate_key}={learning_rate:g}: lower the learning rate")
+
+
 def fit(model, x_train, y_train, x_val, y_val, spec: TrainSpec, *, epochs: Optional[int] = None,
         learning_rate: Optional[float] = None, callbacks=(), verbose: int = 0,
         on_epoch: Optional[Callable[[int, dict], None]] = None, train_data=None,
         steps_per_epoch: Optional[int] = None, teacher=None, distill: float = 0.0,
-        temperature: float = 1.0) -> dict:
+        temperature: float = 1.0, what: str = "float training",
+        learning_rate_key: str = "trainer.learning_rate") -> dict:
     """Compile with Adam and train with early stopping on val_accuracy (best weights restored).
 
     Returns {"history": {metric: [per epoch]}, "epochs": run, "best_epoch": int, "sec_per_epoch": float}.
@@ -95,6 +118,8 @@ def fit(model, x_train, y_train, x_val, y_val, spec: TrainSpec, *, epochs: Optio
     (x_train, y_train), e.g. the augmented pipeline of `qat.data.augment.training_data`, with its
     `steps_per_epoch`; `y_train` still gives the class weights (x_train may then be None).
     `teacher` with `distill` > 0: knowledge distillation from the teacher's outputs (qat.training.distill).
+    A loss or weights that are not finite after training raise TrainingError naming `what` and the
+    learning-rate setting (`learning_rate_key`), so a diverged model is never evaluated or cached.
     """
     epochs = int(epochs or spec.epochs)
     lr = float(learning_rate or spec.learning_rate)
@@ -104,7 +129,8 @@ def fit(model, x_train, y_train, x_val, y_val, spec: TrainSpec, *, epochs: Optio
     if spec.lr_schedule == "cosine":
         steps = epochs * steps_per_epoch
         lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(steps, 1))
-    weights = class_weights(y_train, model.output_shape[-1]) if spec.class_weight == "balanced" else None
+    n_classes = int(model.output_shape[-1])
+    weights = class_weights(y_train, n_classes) if spec.class_weight == "balanced" else None
     if teacher is not None and distill > 0:
         model = Distiller(model, teacher, distill, temperature)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
@@ -121,6 +147,7 @@ def fit(model, x_train, y_train, x_val, y_val, spec: TrainSpec, *, epochs: Optio
     hist = model.fit(train_data, steps_per_epoch=steps_per_epoch, validation_data=batched(x_val, y_val, spec.batch_size),
                      epochs=epochs, class_weight=weights, verbose=verbose, callbacks=cbs)
     h = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    check_converged(model, h, n_classes, what, learning_rate_key, float(learning_rate or spec.learning_rate))
     return {"history": h, "epochs": len(timer.seconds),
             "best_epoch": int(np.argmax(h["val_accuracy"])) + 1 if h.get("val_accuracy") else len(timer.seconds),
             "sec_per_epoch": float(np.median(timer.seconds)) if timer.seconds else 0.0}
