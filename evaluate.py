@@ -24,7 +24,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from qat.config import job, logger_spec, run_spec, saved_config  # noqa: E402
+from qat.config import job, logger_spec, quant_preset, run_spec, saved_config  # noqa: E402
 from qat.errors import ConfigError  # noqa: E402
 from qat.experiment import load_run, predict_saved_run, run_experiment  # noqa: E402
 from qat.tracking import start_run  # noqa: E402
@@ -44,20 +44,22 @@ def main(cfg: DictConfig) -> None:
     for key in ("bits", "act_bits", "state_bits"):
         if cfg.get(key) is not None:
             config[key] = cfg[key]
-    spec = run_spec(config)
+    preset = quant_preset() if cfg.get("quant") is not None else saved.get("preset", saved["method"])
+    spec = run_spec(config, preset)
     if cfg.predict_only:
         print(predict_saved_run(spec, cfg.run_dir, cfg.max_drop, cfg.verify))
         return
     out_dir = HydraConfig.get().runtime.output_dir
     # The run's own W&B project / group / tags, so the evaluation sits next to it; mode from here.
     logger = {**config["logger"], "mode": cfg.logger.mode, "job_type": "evaluate"}
-    tracker = start_run(logger_spec({"logger": logger}), out_dir, {**config, "source_run": cfg.run_dir},
+    logger = logger_spec({"logger": logger}).for_run(spec.recipe.preset, spec.recipe.bits.bits, spec.data.name)
+    tracker = start_run(logger, out_dir, {**config, "preset": spec.recipe.preset, "source_run": cfg.run_dir},
                         name=f"eval-{os.path.basename(os.path.normpath(cfg.run_dir))}")
     with tracker.scope():
         s = run_experiment(spec, out_dir, tracker, float_from=cfg.run_dir)
-    print(f"run {cfg.run_dir} ({saved['method']} bits={saved['bits']}): saved float acc "
+    print(f"run {cfg.run_dir} ({saved.get('preset', saved['method'])} bits={saved['bits']}): saved float acc "
           f"{100 * saved['float/test_acc']:.2f}%, saved quant acc {100 * saved['quant/test_acc']:.2f}%")
-    print(f"re-evaluated ({s['method']} bits={s['bits']}): float acc {100 * s['float/test_acc']:.2f}% "
+    print(f"re-evaluated ({s['preset']} bits={s['bits']}): float acc {100 * s['float/test_acc']:.2f}% "
           f"| quant acc {100 * s['quant/test_acc']:.2f}% | degradation {s['quant/degradation']:+.2f} pts | {out_dir}")
 
 

@@ -18,7 +18,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from qat.config import job, logger_spec, run_spec  # noqa: E402
+from qat.config import job, logger_spec, quant_preset, run_spec  # noqa: E402
 from qat.experiment import run_experiment  # noqa: E402
 from qat.tracking import start_run  # noqa: E402
 
@@ -27,14 +27,16 @@ from qat.tracking import start_run  # noqa: E402
 @job
 def main(cfg: DictConfig) -> float:
     config = OmegaConf.to_container(cfg, resolve=True)
-    spec = run_spec(config)
+    spec = run_spec(config, quant_preset())
     run_dir = HydraConfig.get().runtime.output_dir
-    with start_run(logger_spec(config), run_dir, config, name=os.path.basename(run_dir)).scope() as tracker:
+    logger = logger_spec(config).for_run(spec.recipe.preset, spec.recipe.bits.bits, spec.data.name)
+    tracker = start_run(logger, run_dir, {**config, "preset": spec.recipe.preset}, name=os.path.basename(run_dir))
+    with tracker.scope():
         s = run_experiment(spec, run_dir, tracker)
-    print(f"[{s['method']} bits={s['bits']} seed={s['seed']} {s['task']}] float acc {100 * s['float/test_acc']:.2f}% "
+    print(f"[{s['preset']} bits={s['bits']} seed={s['seed']} {s['task']}] float acc {100 * s['float/test_acc']:.2f}% "
           f"| quant acc {100 * s['quant/test_acc']:.2f}% | degradation {s['quant/degradation']:+.2f} pts "
           f"| {s['time/total_s']:.0f}s | {run_dir}")
-    return s["quant/test_acc"]
+    return s["quant/val_acc"]      # what a Hydra sweeper optimises: validation, never test
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The models are those of `train.py` with the given overrides (default: the default config, log-mel 40
 + LSTM(80), batch 64): the float model and its QAT twins as the recipes build them: `qat` at 4 and 2
 bits trained with distillation from the float model (as `fit` runs it), `qat` at 2 bits without it,
-`qat_act` (W2/A4/S4, calibrated; with distillation as the recipe, and without) and `qat_lsq`
+`qat` at W2/A4/S4 (calibrated; with distillation as the recipe, and without) and `qat_lsq`
 W2/A4/S4; plus the QLSTM twin with no quantizer at all (the float math through the project's own
 time loop).
 
@@ -47,8 +47,8 @@ from qat.training.models import build_model  # noqa: E402
 # (label, quant preset, bit-width overrides, distilled as the recipes do)
 VARIANTS = [("qat w4", "qat", ["bits=4"], True), ("qat w2", "qat", ["bits=2"], True),
             ("qat w2, no distillation", "qat", ["bits=2"], False),
-            ("qat_act w2 a4 s4", "qat_act", ["bits=2", "act_bits=4", "state_bits=4"], True),
-            ("qat_act w2 a4 s4, no distillation", "qat_act", ["bits=2", "act_bits=4", "state_bits=4"], False),
+            ("qat w2 a4 s4", "qat", ["bits=2", "act_bits=4", "state_bits=4"], True),
+            ("qat w2 a4 s4, no distillation", "qat", ["bits=2", "act_bits=4", "state_bits=4"], False),
             ("qat_lsq w2 a4 s4", "qat_lsq", ["bits=2", "act_bits=4", "state_bits=4"], True)]
 
 

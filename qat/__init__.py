@@ -13,7 +13,8 @@ Layers, bottom to top (a module imports only from its own layer or below):
     algorithms/, export/               calibration, GPTQ, bias correction, rounding refinement, the
                                        degradation predictor, weight reports; packed files, TFLite
     recipes/                           one module per recipe, a registry
-    experiment, aggregate              one run end to end; sweep tables and figures
+    experiment, aggregate,             one run end to end; sweep tables and figures; the W&B
+    sweep_report                       Report of a sweep
     config                             the Hydra edge: composed config -> typed specs
 """
 import os

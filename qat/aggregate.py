@@ -1,5 +1,9 @@
 """Collect the summaries of many runs (a Hydra multirun folder, W&B run folders, any tree), tabulate
-accuracy and degradation per method x bits over seeds, and draw the accuracy-vs-bits figure."""
+accuracy and degradation per recipe x bits over seeds, and draw the accuracy-vs-bits figure.
+
+A row's recipe is the preset the runs chose (`quant=<preset>`) plus every option whose value differs
+between runs of that preset (e.g. `qat (distill=0)` and `qat (distill=0.5)` from a sweep over
+`quant.distill`): no two different recipes share a row."""
 from __future__ import annotations
 
 import csv
@@ -17,7 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the non-interactive backend)
 
 SUMMARY = "summary.json"
-GROUP_KEYS = ("data", "task", "method", "bits", "act_bits", "state_bits")
+GROUP_KEYS = ("data", "task", "recipe", "bits", "act_bits", "state_bits")
+OPTION_PREFIX = "options/"
 FIGURES = ("quant/test_acc", "quant/degradation", "float/test_acc", "quant/test_balanced_acc",
            "quant/size_bytes", "quant/latency_ms", "predict/degradation")
 
@@ -48,7 +53,23 @@ def collect(roots: Sequence[str]) -> Collected:
                 out.runs.append({**json.loads(path.read_text()), "run_dir": str(run_dir)})
             except json.JSONDecodeError:
                 out.incomplete.append(str(run_dir))
+    label_recipes(out.runs)
     return out
+
+
+def label_recipes(runs: List[Dict[str, Any]]) -> None:
+    """Set each run's "recipe": its preset (its method for runs that name none) plus the options whose
+    values differ between the runs of that preset."""
+    preset_of = lambda r: r.get("preset") or r.get("method")
+    values: Dict[str, Dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for r in runs:
+        for k, v in r.items():
+            if k.startswith(OPTION_PREFIX):
+                values[preset_of(r)][k].add(json.dumps(v, sort_keys=True))
+    for r in runs:
+        varying = sorted(k for k, vs in values[preset_of(r)].items() if len(vs) > 1)
+        detail = ", ".join(f"{k[len(OPTION_PREFIX):]}={json.dumps(r.get(k))}" for k in varying)
+        r["recipe"] = f"{preset_of(r)} ({detail})" if detail else preset_of(r)
 
 
 def _mean_sd(values: List[float]) -> Tuple[float, float]:
@@ -59,8 +80,8 @@ def _mean_sd(values: List[float]) -> Tuple[float, float]:
 
 
 def table(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per (data, task, method, bits, act_bits, state_bits): mean and sd over runs of each
-    figure, the seeds and the run count."""
+    """One row per (data, task, recipe, bits, act_bits, state_bits): mean and sd over runs of each
+    figure, the seeds and the run count (runs as `collect` returns them, with their recipe labels)."""
     groups: Dict[tuple, List[Dict[str, Any]]] = defaultdict(list)
     for r in runs:
         groups[tuple(r.get(k) for k in GROUP_KEYS)].append(r)
@@ -69,6 +90,7 @@ def table(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                                                   for v in k)):
         members = groups[key]
         row = dict(zip(GROUP_KEYS, key))
+        row["method"] = members[0].get("method")
         row["n"] = len(members)
         row["seeds"] = sorted(m.get("seed") for m in members)
         for fig in FIGURES:
@@ -79,7 +101,7 @@ def table(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def write_csv(runs: List[Dict[str, Any]], path: Path) -> None:
     """One line per run with the group keys, seed and scalar figures."""
-    cols = list(GROUP_KEYS) + ["seed"] + list(FIGURES) + ["run_dir"]
+    cols = list(GROUP_KEYS) + ["preset", "method", "seed"] + list(FIGURES) + ["run_dir"]
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, cols, extrasaction="ignore")
         w.writeheader()
@@ -94,12 +116,12 @@ def markdown(rows: List[Dict[str, Any]], incomplete: List[str]) -> str:
     optional = [(fig, title, scale) for fig, title, scale in
                  (("predict/degradation", "predicted drop (pts)", 1.0), ("quant/latency_ms", "latency (ms)", 1.0))
                  if any(not math.isnan(r[f"{fig}/mean"]) for r in rows)]
-    lines = ["| data | method | bits | act | state | n | float acc % | quant acc % | degradation (pts) | "
+    lines = ["| data | recipe | bits | act | state | n | float acc % | quant acc % | degradation (pts) | "
              + "".join(f"{title} | " for _, title, _ in optional) + "size (KiB) |",
              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(optional) + "---|"]
     for r in rows:
         size = r["quant/size_bytes/mean"]
-        lines.append(f"| {r['task'] or r['data']} | {r['method']} | {r['bits']} | {r['act_bits'] or '-'} "
+        lines.append(f"| {r['task'] or r['data']} | {r['recipe']} | {r['bits']} | {r['act_bits'] or '-'} "
                      f"| {r['state_bits'] or '-'} | {r['n']} | {pm(r, 'float/test_acc')} | {pm(r, 'quant/test_acc')} "
                      f"| {pm(r, 'quant/degradation', 1.0)} | "
                      + "".join(f"{pm(r, fig, scale)} | " for fig, _, scale in optional) + f"{size / 1024:.1f} |")
@@ -109,7 +131,7 @@ def markdown(rows: List[Dict[str, Any]], incomplete: List[str]) -> str:
 
 
 def figure(rows: List[Dict[str, Any]], path_stem: Path, metric: str = "quant/test_acc") -> List[Path]:
-    """Accuracy (or degradation) against bits, one line per method with seed error bars (sd), the
+    """Accuracy (or degradation) against bits, one line per recipe with seed error bars (sd), the
     float baseline as a band (mean ± sd); one panel per task. Saved as PNG and PDF."""
     tasks = sorted({r["task"] or r["data"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
@@ -124,7 +146,7 @@ def figure(rows: List[Dict[str, Any]], path_stem: Path, metric: str = "quant/tes
             ax.axhline(f_mean, color="grey", lw=1)
         by_method: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
         for r in mine:
-            label = r["method"] + (f" a{r['act_bits']}" if r["act_bits"] else "") + \
+            label = r["recipe"] + (f" a{r['act_bits']}" if r["act_bits"] else "") + \
                 (f" s{r['state_bits']}" if r["state_bits"] else "")
             by_method[label].append(r)
         for label, rs in sorted(by_method.items()):

@@ -14,12 +14,13 @@ The W&B run of a failed job is marked failed (qat.tracking.Tracker.scope).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping, Optional
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -32,8 +33,8 @@ from qat.checks import Integer
 from qat.data.datasets import DataSpec
 from qat.data.features import FeatureSpec
 from qat.errors import ConfigError, DataError, UserError
-from qat.experiment import RunSpec
-from qat.io import write_bytes
+from qat.experiment import SUMMARY_FILE, RunSpec
+from qat.io import ERROR_FILE, list_failed_jobs, write_bytes
 from qat.recipes import base as recipes
 from qat.tracking import LoggerSpec
 from qat.training.fit import TrainSpec
@@ -42,7 +43,6 @@ from qat.training.models import ModelSpec
 log = logging.getLogger(__name__)
 
 SEED = Integer(0)
-ERROR_FILE = "error.txt"       # written into the folder of a failed job of a multirun
 TRAIN_SECTIONS = ("data", "features", "model", "trainer", "quant", "logger", "bits", "seed")
 
 # `${run_id:}` in conf/config.yaml makes every run folder unique: two runs started in the same second
@@ -67,17 +67,23 @@ def _cache_dir(value: Any):
     return str(value)
 
 
-def run_spec(cfg: Mapping[str, Any]) -> RunSpec:
-    """The RunSpec of a composed train.py config."""
+def run_spec(cfg: Mapping[str, Any], preset: Optional[str] = None) -> RunSpec:
+    """The RunSpec of a composed train.py config; `preset` is the conf/quant file it chose (Hydra's
+    `runtime.choices.quant`; default: the recipe's name)."""
     bits = recipes.BitWidths.from_config({k: cfg.get(k) for k in ("bits", "act_bits", "state_bits")})
     return RunSpec(data=DataSpec.from_config(cfg.get("data")),
                    features=FeatureSpec.from_config(cfg.get("features")),
                    model=ModelSpec.from_config(cfg.get("model")),
                    trainer=TrainSpec.from_config(cfg.get("trainer")),
-                   recipe=recipes.RecipeSpec.from_config(cfg.get("quant"), bits),
+                   recipe=recipes.RecipeSpec.from_config(cfg.get("quant"), bits, preset),
                    predict=PredictSpec.from_config(cfg.get("predict")),
                    seed=SEED("seed", cfg.get("seed")), cache_dir=_cache_dir(cfg.get("cache_dir")),
                    verbose=_verbose(cfg.get("verbose", "auto")))
+
+
+def quant_preset() -> Optional[str]:
+    """The conf/quant preset this Hydra job chose (`quant=<preset>`), or None if it chose none."""
+    return HydraConfig.get().runtime.choices.get("quant")
 
 
 def logger_spec(cfg: Mapping[str, Any]) -> LoggerSpec:
@@ -161,11 +167,25 @@ class FailedJobsReport(Callback):
     any did. Configured in conf/config.yaml (`hydra.callbacks`)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        sweep = Path(str(config.hydra.sweep.dir))
-        jobs = sorted(p.parent for p in sweep.glob("*/.hydra"))
-        failed = [(j, (j / ERROR_FILE).read_text().strip()) for j in jobs if (j / ERROR_FILE).is_file()]
-        if failed:
-            print(f"{len(failed)} of {len(jobs)} jobs failed:", file=sys.stderr)
-            for folder, message in failed:
-                print(f"  {folder}: {message}", file=sys.stderr)
+        if list_failed_jobs(Path(str(config.hydra.sweep.dir))):
             sys.exit(1)
+
+
+class BestTrialReport(Callback):
+    """At the end of a hyper-parameter search (conf/hparams_search/): the best trial's folder, the
+    parameters it was given, its validation accuracy (what the search maximised) and, for the record,
+    its test accuracy. Optuna's own result is `optimization_results.yaml` in the sweep folder."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        trials = []
+        for folder in sorted(p.parent for p in sweep.glob(f"*/{SUMMARY_FILE}")):
+            summary = json.loads((folder / SUMMARY_FILE).read_text())
+            trials.append((summary["quant/val_acc"], folder, summary))
+        if not trials:
+            return
+        val, folder, summary = max(trials, key=lambda t: t[0])
+        params = [o for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")
+                  if o.split("=", 1)[0] in config.hydra.sweeper.params]
+        print(f"best of {len(trials)} trials: quant/val_acc {val:.4f} (test {summary['quant/test_acc']:.4f}) "
+              f"with {' '.join(params)} -> {folder}")

@@ -85,6 +85,27 @@ def float_model(spec: RunSpec, feats: Features, run_dir: Path, tracker: Tracker)
     return model, info, reused
 
 
+def log_artifacts(spec: RunSpec, summary: Dict[str, Any], exports: Dict[str, Path], float_dir: Path,
+                  tracker: Tracker) -> None:
+    """The run's models as W&B artifacts: the float checkpoint (`float-<key>`, logged by the run that
+    trained it and used by every run that reuses it) and the recipe's exports (`packed-<key>-<preset>-b<bits>`,
+    `tflite-<key>-<preset>`), each with what it is and how well it did."""
+    key = summary["float/key"]
+    what = {"data": spec.data.name, "task": spec.data.task_name, "seed": spec.seed,
+            "features": f"{spec.features.mel_bins or spec.features.fft_length // 2 + 1} bins", "units": spec.model.units,
+            "layers": spec.model.layers, "float/test_acc": summary["float/test_acc"],
+            "float/params": summary["float/params"], "float/size_bytes": summary["float/size_bytes"]}
+    tracker.artifact(f"float-{key}", "model", sorted(str(p) for p in float_dir.iterdir()), what,
+                     use=summary["float/reused"])
+    quant = {**what, "float_model": f"float-{key}", "preset": spec.recipe.preset, "method": spec.recipe.method,
+             **{k: summary.get(k) for k in ("bits", "act_bits", "state_bits", "quant/test_acc", "quant/degradation",
+                                            "quant/size_bytes", "quant/levels_ok")}}
+    names = {"packed": f"packed-{key}-{spec.recipe.preset}-b{spec.recipe.bits.bits}",
+             "tflite": f"tflite-{key}-{spec.recipe.preset}"}
+    for kind, path in exports.items():
+        tracker.artifact(names[kind], "model", [str(path)], quant)
+
+
 def evaluate_model(model, feats: Features, prefix: str, run_dir: Path) -> Dict[str, Any]:
     """Validation and test figures of one model, with a confusion-matrix PNG; keys `<prefix>/...`."""
     test = evaluate(model, feats.x["test"], feats.y["test"], feats.class_names)
@@ -121,16 +142,18 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
         model, info, reused = float_model(spec, feats, run_dir, tracker)
     bits = spec.recipe.bits
     summary: Dict[str, Any] = {
-        "method": spec.recipe.method, "bits": bits.bits, "act_bits": bits.act_bits,
+        "preset": spec.recipe.preset, "method": spec.recipe.method, "bits": bits.bits, "act_bits": bits.act_bits,
         "state_bits": bits.state_bits, "seed": spec.seed, "data": spec.data.name, "task": spec.data.task_name,
         "classes": feats.class_names,
         "n_train": len(feats.y["train"]), "n_val": len(feats.y["val"]), "n_test": len(feats.y["test"]),
         "data/skipped_files": sum(len(v) for v in feats.skipped.values()),
         "data/skipped": sorted(f for v in feats.skipped.values() for f in v),
-        "float/reused": reused, "float/epochs": info["epochs"], "float/best_epoch": info["best_epoch"],
+        "float/reused": reused, "float/key": info.get("key"), "float/epochs": info["epochs"],
+        "float/best_epoch": info["best_epoch"],
         "float/sec_per_epoch": info["sec_per_epoch"], "float/params": int(model.count_params()),
         "float/size_bytes": float_size_bytes(model), "time/features_s": t_features,
     }
+    summary.update(spec.recipe.option_values())
     summary.update(evaluate_model(model, feats, "float", run_dir))
     t1 = time.perf_counter()
     ctx = RecipeContext(model, feats, spec.data, spec.features, spec.trainer, spec.predict, bits, spec.seed,
@@ -151,11 +174,13 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
     summary["time/total_s"] = time.perf_counter() - t0
     write_json(run_dir / SUMMARY_FILE, summary)
     log_summary(tracker, summary)
+    log_artifacts(spec, summary, result.exports, Path(float_from or run_dir) / FLOAT_DIR, tracker)
     return summary
 
 
 def log_summary(tracker: Tracker, summary: Dict[str, Any]) -> None:
-    """Scalars to the W&B summary, confusion matrices as images."""
+    """Scalars to the W&B summary, the result row to its history, confusion matrices as images."""
+    tracker.result(summary)
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None})
     for prefix in ("float", "quant"):
         png = summary.get(f"{prefix}/confusion_png")

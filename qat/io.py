@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 4 * 3600     # a run waiting for another run's cache entry gives up after this long
 LOCK_NOTE_S = 60              # and says so every minute while it waits
+ERROR_FILE = "error.txt"      # written into the folder of a failed job of a multirun (qat.config.job)
 
 
 def _umask() -> int:
@@ -126,3 +128,15 @@ def remove_stale(folder: Path, prefix: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+def list_failed_jobs(sweep: Path) -> int:
+    """Print the failed jobs of the Hydra multirun in `sweep` (the job folders holding `ERROR_FILE`,
+    and their errors) to stderr; their number."""
+    jobs = sorted(p.parent for p in Path(sweep).glob("*/.hydra"))
+    failed = [(j, (j / ERROR_FILE).read_text().strip()) for j in jobs if (j / ERROR_FILE).is_file()]
+    if failed:
+        print(f"{len(failed)} of {len(jobs)} jobs failed:", file=sys.stderr)
+        for folder, message in failed:
+            print(f"  {folder}: {message}", file=sys.stderr)
+    return len(failed)

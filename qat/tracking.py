@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -15,6 +16,10 @@ from qat.checks import Scalar, Checked, ListOf, Nullable, Number, OneOf, Text, s
 log = logging.getLogger(__name__)
 
 MODES = ("offline", "online", "disabled")
+# The run's result as one history row (`Tracker.result`), so that W&B line plots can draw these
+# against `bits` across the runs of a sweep (qat.sweep_report).
+RESULT_X = "bits"
+RESULT_KEYS = ("float/test_acc", "quant/test_acc", "quant/degradation", "quant/size_bytes")
 
 
 @dataclass(frozen=True)
@@ -27,12 +32,18 @@ class LoggerSpec(Checked):
     project: str = setting(Text())
     entity: Optional[str] = setting(Nullable(Text()))
     group: Optional[str] = setting(Nullable(Text()))      # e.g. the sweep / experiment name, so a dashboard can pivot
-    job_type: Optional[str] = setting(Nullable(Text()))   # e.g. the quantization method
-    tags: Tuple[str, ...] = setting(ListOf(Scalar(), expected="a list of tags"))
+    job_type: Optional[str] = setting(Nullable(Text()))   # null: the run's recipe preset (see `for_run`)
+    tags: Tuple[str, ...] = setting(ListOf(Scalar(), expected="a list of tags"))   # added to the run's own
     init_timeout: float = setting(Number(0, low_open=True))   # seconds to wait for the W&B service before going offline
 
     def check(self) -> None:
         object.__setattr__(self, "tags", tuple(str(t) for t in self.tags))
+
+    def for_run(self, preset: str, bits: int, data: str) -> "LoggerSpec":
+        """This spec for one run: job type the recipe preset unless set, and the tags preset,
+        `bits=<b>` and the data set before the configured ones, so a dashboard can pivot on them."""
+        tags = tuple(dict.fromkeys((preset, f"bits={bits}", data, *self.tags)))
+        return dataclasses.replace(self, job_type=self.job_type or preset, tags=tags)
 
 
 class Tracker:
@@ -68,6 +79,35 @@ class Tracker:
     def table(self, key: str, columns: List[str], rows: List[List[Any]]) -> None:
         self._guard("table", lambda: self.run.log({key: wandb.Table(columns=columns, data=rows)}))
 
+    def result(self, summary: Dict[str, Any]) -> None:
+        """One history row: `RESULT_X` and the `RESULT_KEYS` the run has (a recipe may have no file size)."""
+        row = {k: summary[k] for k in (RESULT_X, *RESULT_KEYS) if isinstance(summary.get(k), (int, float))}
+        self.log(row)
+
+    @property
+    def offline(self) -> bool:
+        return self.run is not None and bool(getattr(self.run.settings, "_offline", False))
+
+    def artifact(self, name: str, kind: str, files: List[str], metadata: Dict[str, Any], use: bool = False) -> None:
+        """Log `files` as the W&B artifact `name` (type `kind`) with `metadata`, an output of this run;
+        with `use`, an input instead (the run consumed it: W&B links it to the run that made it, one
+        version per content). W&B cannot record an input while offline ("Cannot use artifact when in
+        offline mode"): an offline run then records the artifact's name in its summary
+        (`artifacts/used`) instead."""
+        if self.run is None:
+            return
+        if use and self.offline:
+            self.summary({"artifacts/used": name})
+            return
+
+        def log():
+            art = wandb.Artifact(name, type=kind, metadata=_json_safe(metadata))
+            for f in files:
+                art.add_file(str(f))
+            (self.run.use_artifact if use else self.run.log_artifact)(art)
+
+        self._guard("artifact", log)
+
     def finish(self, exit_code: int = 0) -> None:
         """End the run; a non-zero exit code marks it failed in W&B."""
         self._guard("finish", lambda: self.run.finish(exit_code=exit_code))
@@ -86,6 +126,18 @@ class Tracker:
             self.finish(exit_code=1)
             raise
         self.finish()
+
+
+def _json_safe(values: Dict[str, Any]) -> Dict[str, Any]:
+    """Metadata W&B can store: scalars and lists of scalars (numpy scalars as Python numbers)."""
+    out = {}
+    for k, v in values.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, (str, int, float, bool)) or v is None or (isinstance(v, list) and
+                                                                   all(isinstance(x, (str, int, float)) for x in v)):
+            out[k] = v
+    return out
 
 
 def start_run(spec: LoggerSpec, run_dir: str, config: Dict[str, Any], name: Optional[str] = None) -> Tracker:

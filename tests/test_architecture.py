@@ -18,7 +18,7 @@ LAYERS = [
     ["qat.layers", "qat.training"],
     ["qat.algorithms", "qat.export"],
     ["qat.recipes"],
-    ["qat.experiment", "qat.aggregate"],
+    ["qat.experiment", "qat.aggregate", "qat.sweep_report"],
     ["qat.config"],
 ]
 # Function-level imports of third-party modules are allowed only where importing is the point.

@@ -58,12 +58,13 @@ def test_qat_and_ptq_defaults_are_the_documented_recipes():
         == ("per_tensor", "minmax", False, False, False, 0)
 
 
-def test_qat_act_preset_is_qat_with_its_fine_tuning_settings():
-    spec = run_spec(composed("quant=qat_act", "act_bits=4", "state_bits=4", "bits=2"))
-    base = run_spec(composed("quant=qat", "act_bits=4", "state_bits=4", "bits=2"))
-    assert spec.recipe.method == "qat" and spec.recipe.bits == BitWidths(2, 4, 4)
-    assert spec.recipe.options.learning_rate == 0.001 and spec.recipe.options.epochs == 20
-    assert dataclasses.replace(spec.recipe.options, learning_rate=1e-4, epochs=10) == base.recipe.options
+def test_qat_picks_its_schedule_from_what_is_quantized():
+    weights = run_spec(composed("quant=qat", "bits=2")).recipe
+    acts = run_spec(composed("quant=qat", "bits=2", "act_bits=4", "state_bits=4")).recipe
+    assert weights.options.schedule(weights.bits) == (10, 1e-4, "quant.learning_rate")
+    assert acts.options.schedule(acts.bits) == (20, 1e-3, "quant.act_learning_rate")
+    state_only = run_spec(composed("quant=qat", "bits=2", "state_bits=8")).recipe
+    assert state_only.options.schedule(state_only.bits)[:2] == (20, 1e-3)
 
 
 def test_every_preset_names_a_registered_recipe_and_every_recipe_has_a_preset():
@@ -128,7 +129,7 @@ def test_bad_values_give_one_line_errors(override, needle):
     ("quant.search=maybe", "quant.search='maybe' is not allowed: expected true or false"),
     ("quant=qat quant.distill=2", "quant.distill=2 is not allowed: expected a weight in [0, 1]"),
     ("quant=qat quant.epochs=0", "quant.epochs=0 is not allowed"),
-    ("quant=qat_act quant.learning_rate=-1", "quant.learning_rate=-1 is not allowed"),
+    ("quant=qat quant.act_learning_rate=-1", "quant.act_learning_rate=-1 is not allowed"),
     ("quant=tflite_int8 quant.int8_io=2", "quant.int8_io=2 is not allowed: expected true or false"),
     ("quant=tflite_int8 +quant.colour=red", "quant.colour is not an option of quant.method=tflite_int8"),
     ("quant.method=ptq_fancy", "quant.method='ptq_fancy' is not allowed: expected one of"),

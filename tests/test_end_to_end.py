@@ -5,12 +5,15 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
+from qat.tracking import RESULT_KEYS, RESULT_X
 from tests.conftest import REPO
+from tests.wandb_records import of_type, run_file
 
 pytestmark = pytest.mark.slow
 
-SHARED_KEYS = {"method", "bits", "seed", "float/test_acc", "float/test_balanced_acc", "float/test_macro_f1",
+SHARED_KEYS = {"preset", "method", "bits", "seed", "float/test_acc", "float/test_balanced_acc", "float/test_macro_f1",
                "quant/test_acc", "quant/test_balanced_acc", "quant/degradation", "float/sec_per_epoch",
                "float/epochs", "float/size_bytes", "quant/size_bytes"}
 
@@ -47,12 +50,33 @@ def test_train_then_evaluate(speech_commands_root, tmp_path):
     assert "float acc" in proc.stdout
     for noise in NOISE:                                   # a quiet run: no start-up or tracing chatter
         assert noise not in proc.stdout + proc.stderr, noise
+    # The W&B run (read from its file): the preset names it, and it logged the float model it trained
+    # and the packed 4-bit file it exported as artifacts, with what they are.
+    key = summary["float/key"]
+    (wandb_run,) = of_type(run_file(run_dir), "run")
+    assert wandb_run.job_type == "ptq" and list(wandb_run.tags)[:3] == ["ptq", "bits=4", "speech_commands"]
+    artifacts = {a.name: a for a in of_type(run_file(run_dir), "artifact")}
+    assert {f"float-{key}", f"packed-{key}-ptq-b4"} <= set(artifacts)
+    assert {e.path for e in artifacts[f"float-{key}"].manifest.contents} == {"float_model.keras", "float_info.json"}
+    packed = json.loads(artifacts[f"packed-{key}-ptq-b4"].metadata)
+    assert (packed["bits"], packed["preset"], packed["float_model"]) == (4, "ptq", f"float-{key}")
+    assert packed["quant/size_bytes"] == summary["quant/size_bytes"]
+    # ... and its result row, which the sweep report's curves draw against bits.
+    rows = [{i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in h.item}
+            for h in of_type(run_file(run_dir), "history")]
+    (result,) = [r for r in rows if RESULT_X in r]
+    assert {k: result[k] for k in (RESULT_X, *RESULT_KEYS)} == {k: summary[k] for k in (RESULT_X, *RESULT_KEYS)}
 
-    # A second run with the same data/model/seed reuses the float checkpoint.
+    # A second run with the same data/model/seed reuses the float checkpoint and says which it used
+    # (an offline W&B run cannot record an artifact as an input: it names it in its summary).
     again = run("train.py", *small(tmp_path, "run2"), "quant=none")
     assert again.returncode == 0, again.stderr[-3000:]
     summary2 = json.loads((tmp_path / "run2" / "summary.json").read_text())
     assert summary2["float/reused"] is True and summary2["float/test_acc"] == summary["float/test_acc"]
+    used = [json.loads(i.value_json) for s in of_type(run_file(tmp_path / "run2"), "summary") for i in s.update
+            if i.key == "artifacts/used"]
+    assert used == [f"float-{key}"]
+    assert not [a for a in of_type(run_file(tmp_path / "run2"), "artifact") if a.name.startswith("float-")]
 
     ev = run("evaluate.py", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'eval'}")
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -67,7 +91,7 @@ def test_train_then_evaluate(speech_commands_root, tmp_path):
               f"hydra.run.dir={tmp_path / 'eval3'}")
     assert ev3.returncode == 0, ev3.stderr[-3000:]
     at3 = json.loads((tmp_path / "eval3" / "summary.json").read_text())
-    assert (at3["method"], at3["bits"], at3["quant/levels_ok"]) == ("ptq_seed", 3, True)
+    assert (at3["preset"], at3["method"], at3["bits"], at3["quant/levels_ok"]) == ("ptq_seed", "ptq_seed", 3, True)
     assert at3["float/test_acc"] == summary["float/test_acc"]
     assert sorted(p.name for p in run_dir.rglob("*")) == before
 
@@ -97,3 +121,35 @@ def test_bad_input_is_one_line_before_any_data_is_read(tmp_path, overrides, mess
 def test_bad_evaluate_input_is_one_line(tmp_path):
     ev = run("evaluate.py", f"run_dir={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'eval'}")
     assert ev.returncode == 2 and "is not a folder" in ev.stderr and "Traceback" not in ev.stderr
+
+
+def test_optuna_search_selects_on_validation(speech_commands_root, tmp_path):
+    """hparams_search=qat_optuna: Optuna tunes QAT's learning rate, epochs and distillation weight on
+    the quantized model's validation accuracy; the best trial it reports is the one with the highest
+    validation accuracy, whatever the test split says, and the act_* schedule follows the tuned one."""
+    sweep = tmp_path / "search"
+    proc = run("train.py", "-m", "hparams_search=qat_optuna", "bits=2", "hydra.sweeper.n_trials=3",
+               "hydra.sweeper.sampler.n_startup_trials=2", "quant.epochs=range(1,3)", "trainer.epochs=2",
+               "data.limit_per_class=40", "model.units=16", f"cache_dir={tmp_path / 'cache'}", "logger=none",
+               f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+    assert len(trials) == 3 and {s["preset"] for s in trials.values()} == {"qat"}
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    best = max(trials, key=lambda t: trials[t]["quant/val_acc"])
+    assert result["best_value"] == trials[best]["quant/val_acc"]
+    overrides = dict(o.split("=", 1) for o in yaml.safe_load((sweep / best / ".hydra" / "overrides.yaml").read_text()))
+    assert {k: float(overrides[k]) for k in result["best_params"]} == pytest.approx(result["best_params"])
+    assert f"-> {sweep / best}" in proc.stdout and "best of 3 trials" in proc.stdout
+    lr = result["best_params"]["quant.learning_rate"]
+    assert trials[best]["options/learning_rate"] == trials[best]["options/act_learning_rate"] == lr
+    assert trials[best]["qat/learning_rate"] == lr
+
+
+def test_optuna_search_where_every_trial_fails(fsdd_root, tmp_path):
+    sweep = tmp_path / "search"
+    proc = run("train.py", "-m", "hparams_search=qat_optuna", "bits=2", "data=fsdd", "data.limit_per_class=40",
+               "hydra.sweeper.n_trials=2", f"cache_dir={tmp_path / 'cache'}", "logger=none", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 1
+    assert "error: every trial of the search failed" in proc.stderr and "2 of 2 jobs failed" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -26,7 +26,7 @@ def float_model(tmp_path_factory):
 
 def _run(float_model, tmp_path, method, *overrides, trainer=SMALL):
     model, feats = float_model
-    recipe = specs.recipe(method, "quant.epochs=2", "quant.calibration_size=64", *overrides)
+    recipe = specs.recipe(method, "quant.epochs=2", "quant.act_epochs=2", "quant.calibration_size=64", *overrides)
     return recipe.run(specs.context(model, feats, recipe, tmp_path, *trainer))
 
 

@@ -2,6 +2,9 @@
 the aggregation step tabulates and draws runs, listing the incomplete ones."""
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,8 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args, load_sweep_
 
 from qat.aggregate import collect, figure, markdown, table, write_csv
 from qat.config import logger_spec, run_spec
+from qat.sweep_report import panels
+from qat.tracking import RESULT_KEYS, RESULT_X
 from tests.conftest import REPO
 from tests.specs import composed
 
@@ -34,7 +39,8 @@ def test_wandb_sweep_runs_train_py_with_valid_overrides(path):
         cfg = composed(*args["args_no_hyphens"])
         spec = run_spec(cfg)                                 # every value is a real, valid config value
         assert spec.recipe.method in ("ptq", "qat") and spec.recipe.bits.bits in (2, 3, 4, 8)
-        log = logger_spec(cfg)
+        preset = next(a.split("=", 1)[1] for a in args["args_no_hyphens"] if a.startswith("quant="))
+        log = logger_spec(cfg).for_run(preset, spec.recipe.bits.bits, spec.data.name)
         assert log.group == path.stem and log.job_type == spec.recipe.method
         assert spec.recipe.method in log.tags and f"bits={spec.recipe.bits.bits}" in log.tags
 
@@ -67,6 +73,19 @@ def _fake_run(root: Path, name: str, **summary):
         (run / "summary.json").write_text(json.dumps(summary))
 
 
+def test_aggregation_tells_presets_and_differing_options_apart(tmp_path):
+    """Two presets of one recipe, and one preset swept over an option: four rows, none merged."""
+    for i, (preset, distill, seed) in enumerate([("qat", 0.5, 0), ("qat", 0.5, 1), ("qat", 0.0, 0),
+                                                 ("my_qat", 0.5, 0)]):
+        _fake_run(tmp_path, f"{i}", data="fsdd", task="fsdd", preset=preset, method="qat", bits=2, act_bits=None,
+                  state_bits=None, seed=seed, **{"options/distill": distill, "options/epochs": 10,
+                                                 "quant/test_acc": 0.9, "float/test_acc": 0.95})
+    rows = table(collect([str(tmp_path)]).runs)
+    assert sorted((r["recipe"], r["n"]) for r in rows) == [("my_qat", 1), ("qat (distill=0.0)", 1),
+                                                          ("qat (distill=0.5)", 2)]
+    assert "| fsdd | qat (distill=0.5) | 2 |" in markdown(rows, [])
+
+
 def test_aggregate_tables_and_figure(tmp_path):
     # Summaries written by hand: the aggregation is file processing, independent of training.
     for i, (method, bits, seed, acc) in enumerate([("ptq", 2, 0, 0.80), ("ptq", 2, 1, 0.84), ("qat", 2, 0, 0.90),
@@ -90,3 +109,43 @@ def test_aggregate_tables_and_figure(tmp_path):
     assert len((tmp_path / "runs.csv").read_text().strip().splitlines()) == 7
     for p in figure(rows, tmp_path / "fig"):
         assert p.stat().st_size > 1000
+
+
+def test_report_of_a_sweep_built_offline(tmp_path):
+    """sweeps/report.py --offline builds the W&B Report without a network and writes its definition:
+    the sweep's runs (its group, the presets asked for), and curves of what every run logs in its
+    result row, against bits, one per preset with the seeds' spread."""
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "report.py"), "me/lstm-qat", "--group", "ptq_vs_qat_fsdd",
+                           "--preset", "ptq", "--preset", "qat", "--offline", "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert (report["type"], report["entity"], report["project"]) == ("Report", "me", "lstm-qat")
+    assert "ptq_vs_qat_fsdd" in report["title"]
+    grids = [b for b in report["blocks"] if b["type"] == "PanelGrid"]
+    for grid in grids:
+        (runset,) = grid["runsets"]
+        assert (runset["entity"], runset["project"]) == ("me", "lstm-qat")
+        assert runset["filters"] == "Group = 'ptq_vs_qat_fsdd' and Config('preset') in ['ptq', 'qat']"
+    curves = [p for p in panels(report) if p["type"] == "LinePlot"]
+    assert [c["y"] for c in curves] == [["quant/test_acc"], ["quant/degradation"], ["quant/size_bytes"]]
+    for c in curves:
+        assert c["x"] == RESULT_X and set(c["y"]) <= set(RESULT_KEYS)
+        assert (c["groupby"], c["groupby_aggfunc"], c["groupby_rangefunc"]) == \
+            ({"type": "Config", "name": "preset"}, "mean", "stddev")
+    assert {p["type"] for p in panels(report)} == {"LinePlot", "ScatterPlot", "ParallelCoordinatesPlot"}
+
+
+@pytest.mark.parametrize("args, says", [
+    (["nope", "--offline", "--out", "x.json"], "path='nope' is not allowed"),
+    (["me/p", "--offline"], "--offline needs --out"),
+    (["me/p"], "could not save the report"),           # no W&B login here
+])
+def test_report_errors_are_one_line(tmp_path, args, says):
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "report.py"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, env={**env, "WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(tmp_path),
+                                             "NETRC": str(tmp_path / "netrc")}, timeout=300)
+    assert proc.returncode != 0 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "x.json").exists()

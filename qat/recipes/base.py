@@ -9,6 +9,7 @@ model to evaluate plus the recipe's own summary figures. A new recipe is one mod
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Mapping, Optional, Type
@@ -94,10 +95,12 @@ class RecipeContext:
 
 @dataclass
 class RecipeResult:
-    """The model to evaluate as "quant" and the recipe's own summary figures."""
+    """The model to evaluate as "quant", the recipe's own summary figures, and the files it exported
+    (kind -> path: "packed" for a packed b-bit file, "tflite" for a flatbuffer)."""
 
     model: Any
     summary: Dict[str, Any] = field(default_factory=dict)
+    exports: Dict[str, Path] = field(default_factory=dict)
 
 
 class Recipe:
@@ -147,24 +150,33 @@ def recipe_named(name: Any) -> Recipe:
 
 @dataclass(frozen=True)
 class RecipeSpec:
-    """Which recipe runs, at which bit-widths, with which (typed, checked) options."""
+    """Which recipe runs, at which bit-widths, with which (typed, checked) options; `preset` is the
+    name the user chose it by (conf/quant/<preset>.yaml), which several presets of one recipe tell
+    apart."""
 
     recipe: Recipe
     bits: BitWidths
     options: Any
+    preset: str
 
     @property
     def method(self) -> str:
         return self.recipe.name
 
     @classmethod
-    def from_config(cls, quant: Mapping[str, Any], bits: BitWidths) -> "RecipeSpec":
-        """From the `quant` section of a config (its `method` and the recipe's options)."""
+    def from_config(cls, quant: Mapping[str, Any], bits: BitWidths, preset: Optional[str] = None) -> "RecipeSpec":
+        """From the `quant` section of a config (its `method` and the recipe's options) and the name of
+        the preset it came from (default: the method)."""
         values = dict(quant or {})
         if "method" not in values:
             raise ConfigError("quant.method is missing: expected the name of a recipe (conf/quant/<name>.yaml)")
         recipe = recipe_named(values.pop("method"))
-        return cls(recipe, bits, recipe.options(values, bits))
+        return cls(recipe, bits, recipe.options(values, bits), preset or recipe.name)
+
+    def option_values(self) -> Dict[str, Any]:
+        """The recipe's options as `options/<name>` summary keys (lists as lists)."""
+        return {f"options/{f.name}": (list(v) if isinstance(v := getattr(self.options, f.name), tuple) else v)
+                for f in dataclasses.fields(self.options)}
 
     def run(self, ctx: RecipeContext) -> RecipeResult:
         return self.recipe.run(ctx, self.options)

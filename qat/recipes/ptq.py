@@ -95,9 +95,10 @@ class Ptq(Recipe):
         freeze_ranges(qmodel)          # the evaluated model is the deployable one (see export)
         report = weight_report(model, qmodel)
         summary.update(report_summary(report))
-        summary["quant/size_bytes"] = write_packed_model(qmodel, ctx.run_dir / f"model_{bits.bits}bit.qlstm")
+        packed = ctx.run_dir / f"model_{bits.bits}bit.qlstm"
+        summary["quant/size_bytes"] = write_packed_model(qmodel, packed)
         ctx.tracker.table("quant/weight_error", REPORT_COLUMNS, report_rows(report))
-        return RecipeResult(qmodel, summary)
+        return RecipeResult(qmodel, summary, {"packed": packed})
 
 
 register(Ptq("ptq"))

@@ -3,7 +3,10 @@ fake-quant twin (qat.layers), with straight-through rounding, weight ranges foll
 (or learned step sizes with `learned`: qat_lsq) and activation / state ranges calibrated on
 training clips.
 
-What users of QAT expect: fine-tuning epochs and learning rate, freezing the ranges after N epochs,
+The fine-tuning schedule follows what is quantized: weights alone fine-tune with `epochs` and
+`learning_rate`; with quantized activations or state (act_bits / state_bits) with `act_epochs` and
+`act_learning_rate`, since quantized gates and a quantized cell state need a higher learning rate and
+more epochs. Also what users of QAT expect: freezing the ranges after N epochs,
 progressive lowering of bits (e.g. 8 -> 4 -> target), early stopping on the quantized model's
 validation accuracy (trainer.patience) with its best weights restored, and knowledge distillation
 from the float model (`distill`, `temperature`; qat.training.distill). Fine-tuning sees the
@@ -36,6 +39,8 @@ class QatOptions(QuantOptions):
 
     epochs: int = setting(Integer(1))                      # fine-tuning epochs (per stage with progressive_bits)
     learning_rate: float = setting(Number(0, low_open=True))
+    act_epochs: int = setting(Integer(1))                  # the same two with act_bits / state_bits set
+    act_learning_rate: float = setting(Number(0, low_open=True))
     freeze_ranges_after: int = setting(Nullable(Integer(1), expected="null or an epoch number >= 1"))
     progressive_bits: Tuple[int, ...] = setting(ListOf(Bits()))   # e.g. [8, 4]: fine-tune at 8, then 4, then `bits`
     learned: bool = setting(Flag())                        # learned step sizes (LSQ) instead of fixed-rule ranges
@@ -46,6 +51,13 @@ class QatOptions(QuantOptions):
     @property
     def strategy(self) -> Strategy:
         return LSQ if self.learned else RANGE
+
+    def schedule(self, bits: BitWidths) -> Tuple[int, float, str]:
+        """(epochs, learning rate, name of the learning-rate setting) for what `bits` quantizes:
+        quantized activations or state need their own (`act_*`), weights alone the plain ones."""
+        if bits.quantizes_activations:
+            return self.act_epochs, self.act_learning_rate, "quant.act_learning_rate"
+        return self.epochs, self.learning_rate, "quant.learning_rate"
 
     def fit_kwargs(self, teacher) -> Dict[str, Any]:
         """The distillation arguments of qat.training.fit.fit (none when distill is 0)."""
@@ -103,6 +115,7 @@ class Qat(Recipe):
         set_seed(ctx.seed)
         calib = calibration_clips(feats.x["train"], opts.calibration_size, ctx.seed)
         stages: List[int] = list(opts.progressive_bits) + [bits.bits]
+        epochs, learning_rate, learning_rate_key = opts.schedule(bits)
         qmodel, history, seconds = None, [], []
         for stage_bits in stages:
             twin = quantize_model(model, opts.quant_config(dataclasses.replace(bits, bits=stage_bits), opts.strategy))
@@ -115,8 +128,8 @@ class Qat(Recipe):
                 if opts.freeze_ranges_after and stage_bits == bits.bits else []
             train_data, steps, _ = training_data(None, None, ctx.trainer, feats, ctx.seed)
             result = fit(qmodel, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], ctx.trainer,
-                         epochs=opts.epochs, learning_rate=opts.learning_rate, what="QAT fine-tuning",
-                         learning_rate_key="quant.learning_rate", callbacks=callbacks,
+                         epochs=epochs, learning_rate=learning_rate, what="QAT fine-tuning",
+                         learning_rate_key=learning_rate_key, callbacks=callbacks,
                          verbose=ctx.verbose, train_data=train_data, steps_per_epoch=steps,
                          **opts.fit_kwargs(model),
                          on_epoch=lambda e, logs, b=stage_bits: ctx.tracker.log(
@@ -128,13 +141,14 @@ class Qat(Recipe):
         summary: Dict[str, Any] = report_summary(report)
         path = ctx.run_dir / f"model_{bits.bits}bit.qlstm"
         summary["quant/size_bytes"] = write_packed_model(qmodel, str(path))
-        summary.update({"qat/epochs": sum(h["epochs"] for h in history), "qat/sec_per_epoch": float(np.median(seconds)),
+        summary.update({"qat/epochs": sum(h["epochs"] for h in history), "qat/max_epochs": epochs,
+                        "qat/learning_rate": learning_rate, "qat/sec_per_epoch": float(np.median(seconds)),
                         "qat/stages": stages, "qat/learned": opts.learned,
                         "qat/best_epoch": history[-1]["best_epoch"]})
         summary["qat/packed_matches"] = packed_predictions_match(qmodel, model, opts.quant_config(bits, opts.strategy),
                                                                  path, feats.x["test"])
         ctx.tracker.table("quant/weight_error", REPORT_COLUMNS, report_rows(report))
-        return RecipeResult(qmodel, summary)
+        return RecipeResult(qmodel, summary, {"packed": path})
 
 
 register(Qat("qat"))

@@ -35,9 +35,10 @@ class QatTfmot(Recipe):
         qmodel = tfmot_quantize(model, bits.bits, bits.act_bits, per_channel=opts.granularity == "per_channel",
                                 symmetric=opts.scheme == "symmetric", narrow_range=opts.narrow_range)
         train_data, steps, _ = training_data(None, None, ctx.trainer, feats, ctx.seed)
+        epochs, learning_rate, learning_rate_key = opts.schedule(bits)
         result = fit(qmodel, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], ctx.trainer,
-                     epochs=opts.epochs, learning_rate=opts.learning_rate, what="QAT fine-tuning",
-                     learning_rate_key="quant.learning_rate", verbose=ctx.verbose, train_data=train_data,
+                     epochs=epochs, learning_rate=learning_rate, what="QAT fine-tuning",
+                     learning_rate_key=learning_rate_key, verbose=ctx.verbose, train_data=train_data,
                      steps_per_epoch=steps, **opts.fit_kwargs(model),
                      on_epoch=lambda e, logs: ctx.tracker.log({f"qat/train/{k}": v for k, v in logs.items()} |
                                                               {"qat/epoch": e + 1}))

@@ -37,12 +37,13 @@ class Tflite(Recipe):
         representative = calibration_clips(ctx.feats.x["train"], opts.representative_size, ctx.seed) \
             if isinstance(opts, TfliteInt8Options) else None
         tflite, info = tflite_model(ctx.float_model, self.mode, representative, int8_io)
-        write_bytes(ctx.run_dir / f"model_{self.mode}.tflite", tflite.flatbuffer)
+        path = ctx.run_dir / f"model_{self.mode}.tflite"
+        write_bytes(path, tflite.flatbuffer)
         tflite.predict(ctx.feats.x["val"][:opts.latency_clips])
         return RecipeResult(tflite, {"bits": self.weight_bits, "quant/size_bytes": info["size_bytes"],
                                      "quant/convert_s": info["convert_s"],
                                      "quant/latency_ms": float(np.median(tflite.latencies_ms)),
-                                     "quant/int8_io": int8_io})
+                                     "quant/int8_io": int8_io}, {"tflite": path})
 
 
 register(Tflite("tflite_dynamic", "dynamic", 8))
