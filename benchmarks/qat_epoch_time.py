@@ -16,8 +16,11 @@ Two measurements, each interleaved so that the load drifts of a shared machine h
 - epochs: whole `fit` epochs of every model, `--epochs` rounds; median ratio of the epoch times.
 
     python benchmarks/qat_epoch_time.py [--rounds 30] [--steps 10] [--epochs 5] [overrides, e.g. data=fsdd]
+
+The last line printed is one JSON object: model label -> median step ratio to float.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -76,8 +79,9 @@ def main():
     keras.utils.set_random_seed(0)
     mean, var = normalization_stats(x) if spec.features.normalize else (None, None)
     float_model = build_model(feats.input_shape, len(feats.class_names), spec.model, mean, var)
-    models = {"float (Keras LSTM)": float_model,
-              "QLSTM twin, no quantizer": quantize_model(float_model, QuantConfig())}
+    cell = {"lstm": "LSTM", "gru": "GRU"}[spec.model.cell]
+    models = {f"float (Keras {cell})": float_model,
+              f"Q{cell} twin, no quantizer": quantize_model(float_model, QuantConfig())}
     opts = spec.recipe.options
     for label, preset, bits, distilled in VARIANTS:
         recipe = composed_spec([f"quant={preset}", *bits, *args.overrides]).recipe
@@ -120,13 +124,16 @@ def main():
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print("| model | ms / step | step ratio to float, median [quartiles] | s / epoch | epoch ratio to float |")
     print("|---|---|---|---|---|")
+    medians = {}
     for label in models:
         ratios = [a / b for a, b in zip(step_s[label], step_s[base])]
         lo, mid, hi = quartiles(ratios)
+        medians[label] = round(mid, 3)
         ep = (f"{statistics.median(epoch_s[label]):.2f} | "
               f"{statistics.median([a / b for a, b in zip(epoch_s[label], epoch_s[base])]):.2f}"
               if args.epochs else "- | -")
         print(f"| {label} | {1e3 * statistics.median(step_s[label]):.1f} | {mid:.2f} [{lo:.2f}, {hi:.2f}] | {ep} |")
+    print(json.dumps(medians))     # last line: the median step ratio of every model, for scripts
 
 
 if __name__ == "__main__":

@@ -153,3 +153,21 @@ def test_optuna_search_where_every_trial_fails(fsdd_root, tmp_path):
     assert proc.returncode == 1
     assert "error: every trial of the search failed" in proc.stderr and "2 of 2 jobs failed" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_gru_model_with_qat_then_ptq_on_its_saved_run(speech_commands_root, tmp_path):
+    """model=gru: the float GRU trains, QAT at W2/A4/S4 exports a packed file that reproduces it, and
+    evaluate.py runs PTQ on the saved run, with a predicted degradation for the GRU."""
+    proc = run("train.py", *small(tmp_path, "gru"), "model=gru", "quant=qat", "bits=2", "act_bits=4",
+               "state_bits=4", "quant.act_epochs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "gru" / "summary.json").read_text())
+    assert s["qat/packed_matches"] and s["quant/levels_ok"] and s["options/act_epochs"] == 2
+    assert s["quant/float_layers"] == ["normalize"]        # the log-mel statistics, said, not silent
+    assert {"quant/weights/gru/kernel/levels", "quant/weights/gru/recurrent_kernel/levels"} <= set(s)
+    ev = run("evaluate.py", f"run_dir={tmp_path / 'gru'}", "quant=ptq", "bits=3", "quant.refine_epochs=1",
+             f"hydra.run.dir={tmp_path / 'eval'}")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    at3 = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert at3["quant/levels_ok"] and at3["float/test_acc"] == s["float/test_acc"]
+    assert isinstance(at3["predict/degradation"], float) and "predict/unsupported" not in at3

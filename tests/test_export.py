@@ -26,11 +26,12 @@ def test_pack_rejects_codes_that_do_not_fit():
         pack_bits(np.array([8]), 3)
 
 
-@pytest.fixture(scope="module")
-def small_model():
+@pytest.fixture(scope="module", params=["lstm", "gru"])
+def small_model(request):
+    """The framework's model (conf/model/<cell>.yaml) at a small size, with LSTM and with GRU."""
     keras.utils.set_random_seed(0)
     mean, var = np.full(20, 0.5, np.float32), np.full(20, 2.0, np.float32)
-    return build_model((7, 20), 4, specs.model(units=8), mean, var)
+    return build_model((7, 20), 4, specs.model(request.param, units=8), mean, var)
 
 
 def _config(bits, granularity):

@@ -11,12 +11,9 @@ from qat.layers.lstm import GATES, QLSTM
 from qat.quant.quantizers import LSQ, concat_params
 from qat.quant.reference import fake_quant_np, qparams
 from qat.quant.spec import QuantSpec
+from tests.sequences import B, F, T, U, random_ranges, sequences
 
-T, F, U, B = 12, 10, 8, 5
-
-
-def _x(seed=0, shape=(B, T, F)):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+_x = sequences
 
 
 def _float_lstm(x, return_sequences=True, seed=0, **kwargs):
@@ -93,14 +90,7 @@ def test_activation_and_state_quantization_equals_numpy_reference(granularity):
     spec = QuantSpec(8, granularity=granularity)
     q = _twin(lstm, x, input=spec, gate=spec, state=spec)
     np.testing.assert_allclose(q(x).numpy(), lstm(x).numpy(), atol=1e-6)   # uncalibrated: pass-through
-    rng = np.random.default_rng(5)
-    ranges = {}
-    for name, aq in q.activation_quantizers.items():
-        n = F if name == "input" else U
-        lo = -rng.uniform(0.5, 1.5, size=n if granularity == "per_channel" else ()).astype(np.float32)
-        hi = rng.uniform(0.5, 1.5, size=lo.shape).astype(np.float32)
-        aq.set_range(lo, hi)
-        ranges[name] = (lo, hi)
+    ranges = random_ranges(q, granularity)
 
     def fq(name, v):
         return fake_quant_np(v, spec, *ranges[name])

@@ -13,6 +13,7 @@ import pytest
 import itertools
 
 import tensorflow as tf
+import tf_keras as keras
 from omegaconf import OmegaConf
 
 from qat.algorithms.predict import (calibration_set, config_variance, drop_table, packed_size, predict_drop,
@@ -101,6 +102,37 @@ def test_stacked_lstm_with_normalization_and_dropout():
     assert set(variables) == {"lstm/kernel", "lstm/recurrent_kernel", "lstm/bias", "lstm_1/kernel",
                               "lstm_1/recurrent_kernel", "lstm_1/bias", "dense/kernel", "dense/bias"}
     _check_against_keras(model, x, y, sens, rivals, variables, range(len(y)), margin_abs=1e-5, grad_atol=1e-12)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_stacked_gru_gradients_match_keras(reset_after):
+    """The unrolled GRU (model=gru, both reset_after modes, stacked, with normalisation and dropout):
+    logits and per-clip squared gradients of every weight, the (2, 3U) bias's two rows summed,
+    against Keras's own."""
+    rng = np.random.default_rng(4)
+    x = rng.random((6, 12, 10)).astype(np.float32)
+    model = build_model((12, 10), 4, specs.model("gru", units=8, layers=2, dropout=0.2), x.reshape(-1, 10).mean(0),
+                        x.reshape(-1, 10).var(0) + 1e-3)
+    if not reset_after:
+        model = _without_reset_after(model)
+    for layer in model.layers:             # biases away from zero, so that their gradients are tested
+        if hasattr(layer, "cell"):
+            layer.cell.bias.assign(rng.normal(size=layer.cell.bias.shape).astype(np.float32) * 0.3)
+    y = rng.integers(0, 4, 6)
+    sens = sensitivity(model, x, y, competitors=3)
+    variables = _variables(model)
+    assert {"gru/kernel", "gru/recurrent_kernel", "gru/bias", "gru_1/bias"} <= set(variables)
+    _check_against_keras(model, x, y, sens, _rivals(model, x, y), variables, range(len(y)), margin_abs=1e-5,
+                         grad_atol=1e-12)
+
+
+def _without_reset_after(model):
+    def clone(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.GRU):
+            config["reset_after"] = False
+        return layer.__class__.from_config(config)
+    return keras.models.clone_model(model, clone_function=clone)
 
 
 def test_noise_gain_matches_margin_change_under_injected_noise(trained):
@@ -219,6 +251,17 @@ def test_ptq_summary_keys(trained):
     out = predict_summary(model, feats, with_acts, spec, 0)
     assert out["predict/weights_only"] is True
     assert out["predict/degradation"] == pytest.approx(predict_drop(model, x, y, cfg), abs=1e-6)
+
+
+def test_a_model_the_predictor_cannot_follow_gets_no_prediction_and_a_reason(trained):
+    """A PTQ run of a model with a layer the predictor has no adjoint for (a convolution) still runs:
+    `predict/degradation` is null and `predict/unsupported` says why."""
+    _, feats, _, _, _ = trained
+    inputs = keras.Input(feats.input_shape)
+    h = keras.layers.Conv1D(4, 3, name="conv")(inputs)
+    out = keras.layers.Dense(len(feats.class_names), activation="softmax")(keras.layers.Flatten()(h))
+    out = predict_summary(keras.Model(inputs, out), feats, _quant_config("bits=4"), specs.predict(calib="train"), 0)
+    assert out["predict/degradation"] is None and "'conv' (Conv1D)" in out["predict/unsupported"]
 
 
 def test_bad_input_is_a_config_error(trained):

@@ -8,7 +8,8 @@ from qat.algorithms.calibration import calibrate
 from qat.errors import ConfigError, DataError
 from qat.layers.dense import QDense
 from qat.layers.lstm import QLSTM
-from qat.layers.model import QuantConfig, freeze_ranges, quantize_model, quantized_weights, weight_tensor_names
+from qat.layers.model import (QuantConfig, float_layers, freeze_ranges, quantize_model, quantized_weights,
+                              weight_tensor_names)
 from qat.quant.quantizers import LSQ, RANGE
 from qat.quant.reference import dequantize_np, estimate_range, fake_quant_np, qparams
 from qat.quant.spec import QuantSpec
@@ -95,6 +96,19 @@ def test_unsupported_layers_are_config_errors():
     model = keras.Model(inp, keras.layers.Bidirectional(keras.layers.LSTM(4), name="bi")(inp))
     with pytest.raises(ConfigError, match=r"layer 'bi' \(Bidirectional\) is not supported"):
         quantize_model(model, QuantConfig(weights=QuantSpec(4)))
+
+
+def test_layers_left_in_float_are_listed():
+    """A convolution before the LSTM stays float and is named, as the normalisation is; the summary
+    of a PTQ / QAT run carries this list as quant/float_layers."""
+    inp = keras.Input(SHAPE)
+    h = keras.layers.Normalization(mean=0.0, variance=1.0, name="normalize")(inp)
+    h = keras.layers.Conv1D(4, 3, padding="same", name="conv")(h)
+    h = keras.layers.LSTM(4, return_sequences=True, name="lstm")(h)
+    model = keras.Model(inp, keras.layers.Dense(3, name="dense")(keras.layers.Flatten(name="flatten")(h)))
+    qmodel = quantize_model(model, QuantConfig(weights=QuantSpec(4)))
+    assert float_layers(qmodel) == ["normalize", "conv"]
+    assert float_layers(quantize_model(build_model(SHAPE, 3, specs.model(units=4)), QuantConfig())) == []
 
 
 @pytest.mark.parametrize("strategy, spec", [

@@ -15,10 +15,10 @@ from tests import specs
 SHAPE = (12, 16)
 
 
-def _model(shape=SHAPE, units=8, seed=0):
+def _model(shape=SHAPE, units=8, seed=0, cell="lstm"):
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
-    return build_model(shape, 3, specs.model(units=units), norm_mean=rng.normal(size=shape[1]) * 0.1,
+    return build_model(shape, 3, specs.model(cell, units=units), norm_mean=rng.normal(size=shape[1]) * 0.1,
                        norm_var=rng.uniform(0.5, 2, shape[1]))
 
 
@@ -59,6 +59,23 @@ def test_quantize_apply_trains_one_step_with_2_to_the_b_values_per_channel(bits,
         ours = fake_quant_np(w, spec, lo.reshape(1, -1) if per_channel else lo, hi.reshape(1, -1) if per_channel else hi)
         off = np.abs(ours - wq) > 1e-6 * np.abs(hi).max()
         assert off.mean() < 0.01                                         # only float32 rounding ties differ
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_quantize_apply_takes_a_gru(act_bits):
+    """model=gru through tfmot: GRUQuantizeConfig quantizes its kernel and recurrent kernel at `bits`
+    (2^b values per channel after a training step), with act_bits its sigmoid / tanh inputs."""
+    x, y = _data()
+    model = _model(cell="gru")
+    np.testing.assert_allclose(tfmot_quantize(model, 16).predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-3)
+    qmodel = tfmot_quantize(model, 3, act_bits)
+    qmodel.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    assert np.isfinite(qmodel.train_on_batch(x, y))
+    kernels = _quantized_kernels(qmodel, "quant_gru")
+    assert len(kernels) == 2
+    for _, wq, _, _ in kernels:
+        assert max(len(np.unique(wq[:, j])) for j in range(wq.shape[1])) <= 8
 
 
 def test_weights_are_kept_and_ranges_set_before_training():

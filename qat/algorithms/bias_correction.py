@@ -28,8 +28,10 @@ def layer_input_means(model, layer_names, x: np.ndarray) -> Dict[str, np.ndarray
 
 def bias_correct(float_model, qmodel, x_calib: np.ndarray) -> Dict[str, float]:
     """Shift each quantized layer's float bias so that its pre-activations keep their float mean:
-    b <- b - E[x] (W_q - W) [- E[h] (R_q - R) for the LSTM], with E[x] (E[h]: the mean hidden state)
-    measured on calibration clips in the float model. Returns the size of each correction (L2)."""
+    b <- b - E[x] (W_q - W) [- E[h] (R_q - R) for the LSTM and GRU], with E[x] (E[h]: the mean hidden
+    state) measured on calibration clips in the float model. A GRU with reset_after has an input and a
+    recurrent bias row: each takes the shift of its own product (the recurrent one inside the reset
+    gate's product, where it belongs). Returns the size of each correction (L2)."""
     q = quantized_weights(qmodel)
     layers = sorted({name.split("/")[0] for name in q if name.endswith("/kernel")})
     layers = [n for n in layers if getattr(float_model.get_layer(n), "use_bias", False)]
@@ -46,9 +48,12 @@ def bias_correct(float_model, qmodel, x_calib: np.ndarray) -> Dict[str, float]:
     sizes = {}
     for name in layers:
         shift = means[name] @ (q[f"{name}/kernel"].values - float_weight(float_model, f"{name}/kernel"))
+        rec_shift = 0.0
         if name in h_means:
-            shift = shift + h_means[name] @ (q[f"{name}/recurrent_kernel"].values
-                                             - float_weight(float_model, f"{name}/recurrent_kernel"))
-        qmodel.get_layer(name).bias.assign(float_weight(float_model, f"{name}/bias") - shift.astype(np.float32))
+            rec_shift = h_means[name] @ (q[f"{name}/recurrent_kernel"].values
+                                         - float_weight(float_model, f"{name}/recurrent_kernel"))
+        bias = float_weight(float_model, f"{name}/bias")
+        shift = np.stack([shift, rec_shift * np.ones_like(shift)]) if bias.ndim == 2 else shift + rec_shift
+        qmodel.get_layer(name).bias.assign(bias - shift.astype(np.float32))
         sizes[name] = float(np.linalg.norm(shift))
     return sizes

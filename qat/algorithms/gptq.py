@@ -1,7 +1,9 @@
 """Error-compensating rounding (GPTQ, Frantar et al. 2023): weights are rounded one input row at a
 time and the rounding error is pushed onto the rows not yet rounded through the inverse Hessian of
 the layer's inputs, H = X^T X. For the LSTM, X = [x_t, h_{t-1}] and the kernel and recurrent kernel
-are rounded together, since both feed the same gate pre-activations."""
+are rounded together, since both feed the same gate pre-activations. The GRU is rounded the same
+way; for its candidate columns this is an approximation (there the recurrent product is scaled by
+the reset gate, or, without reset_after, multiplies r * h_{t-1} instead of h_{t-1})."""
 from __future__ import annotations
 
 import numpy as np

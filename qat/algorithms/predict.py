@@ -117,30 +117,38 @@ def probability_correct(margins: np.ndarray, variance: np.ndarray) -> np.ndarray
     return p.prod(axis=0)
 
 
+class UnsupportedModel(ConfigError):
+    """The predictor cannot follow this model (a layer type it has no adjoint for)."""
+
+
 def _check_layers(model) -> list:
-    """The model's layers (InputLayer dropped), or a ConfigError naming one predict cannot follow."""
+    """The model's layers (InputLayer dropped), or an UnsupportedModel error naming one predict cannot
+    follow."""
     layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     for idx, layer in enumerate(layers):
-        if isinstance(layer, keras.layers.LSTM):
+        if type(layer) in (keras.layers.LSTM, keras.layers.GRU):
             if layer.go_backwards or layer.stateful or layer.time_major or not layer.cell.use_bias:
-                raise ConfigError(f"predict supports plain LSTM layers with a bias; '{layer.name}' is not one")
+                raise UnsupportedModel(f"predict supports plain {type(layer).__name__} layers with a bias; "
+                                       f"'{layer.name}' is not one")
         elif type(layer) is keras.layers.Dense:
             last = idx == len(layers) - 1
             if last and layer.activation not in (keras.activations.softmax, keras.activations.linear):
                 raise ConfigError(f"predict needs a softmax or linear output layer; '{layer.name}' uses "
                                   f"{layer.activation.__name__}")
         elif not isinstance(layer, (keras.layers.Flatten, keras.layers.Dropout, keras.layers.Normalization)):
-            raise ConfigError(f"predict does not support layer '{layer.name}' ({type(layer).__name__}): "
-                              "expected Normalization, LSTM, Flatten, Dropout and Dense layers")
+            raise UnsupportedModel(f"predict does not support layer '{layer.name}' ({type(layer).__name__}): "
+                              "expected Normalization, LSTM, GRU, Flatten, Dropout and Dense layers")
     if not layers or type(layers[-1]) is not keras.layers.Dense:
-        raise ConfigError("predict needs a Dense output layer (the classifier) last")
+        raise UnsupportedModel("predict needs a Dense output layer (the classifier) last")
     return layers
 
 
 def _forward(model, x, probes: Optional[dict] = None, record: Optional[dict] = None):
     """The model's logits (pre-softmax), computed by an unrolled copy of its layers so that a zero
     `probe` can be added to every LSTM / Dense pre-activation (its gradient is then the per-clip,
-    per-step adjoint). `record` collects each layer's input (and h_{t-1} for an LSTM)."""
+    per-step adjoint; a GRU has two: its input and its recurrent products). `record` collects each
+    layer's input (and h_{t-1} for an LSTM; for a GRU h_{t-1} and what its candidate's recurrent
+    product multiplies, r * h_{t-1} without reset_after)."""
     layers = _check_layers(model)
     h = tf.convert_to_tensor(x, tf.float32)
     for idx, layer in enumerate(layers):
@@ -162,6 +170,8 @@ def _forward(model, x, probes: Optional[dict] = None, record: Optional[dict] = N
             if record is not None:
                 record[layer.name] = (h, tf.stack(prev, axis=1))
             h = tf.stack(outs, axis=1) if layer.return_sequences else outs[-1]
+        elif isinstance(layer, keras.layers.GRU):
+            h = _gru_forward(layer, h, None if probes is None else probes[layer.name], record)
         elif type(layer) is keras.layers.Dense:
             if h.shape.rank != 2:
                 raise ConfigError(f"predict supports Dense layers on flat inputs; '{layer.name}' gets rank {h.shape.rank}")
@@ -179,12 +189,58 @@ def _forward(model, x, probes: Optional[dict] = None, record: Optional[dict] = N
     return h
 
 
+def _gru_forward(layer, x, probe, record):
+    """A Keras GRU unrolled (both reset_after modes), with `probe` = (input, recurrent) zeros added
+    to its input products x W + b and its recurrent products h R (+ b')."""
+    cell, u = layer.cell, layer.cell.units
+    act, rec = cell.activation, cell.recurrent_activation
+    in_b, rec_b = (cell.bias[0], cell.bias[1]) if cell.reset_after else (cell.bias, 0.0)
+    xz = tf.einsum("ntf,fg->ntg", x, cell.kernel) + in_b
+    if probe is not None:
+        xz = xz + probe[0]
+    r_zr, r_h = cell.recurrent_kernel[:, :2 * u], cell.recurrent_kernel[:, 2 * u:]
+    state = tf.zeros((tf.shape(x)[0], u))
+    outs, prev, cand = [], [], []
+    for t in range(x.shape[1]):
+        prev.append(state)
+        p = 0.0 if probe is None else probe[1][:, t]
+        if cell.reset_after:
+            hz = tf.matmul(state, cell.recurrent_kernel) + rec_b + p
+            zr = rec(xz[:, t, :2 * u] + hz[:, :2 * u])
+            z, r = zr[:, :u], zr[:, u:]
+            n = act(xz[:, t, 2 * u:] + r * hz[:, 2 * u:])
+            cand.append(state)
+        else:
+            p_zr, p_h = (0.0, 0.0) if probe is None else (p[:, :2 * u], p[:, 2 * u:])
+            zr = rec(xz[:, t, :2 * u] + tf.matmul(state, r_zr) + p_zr)
+            z, r = zr[:, :u], zr[:, u:]
+            n = act(xz[:, t, 2 * u:] + tf.matmul(r * state, r_h) + p_h)
+            cand.append(r * state)
+        state = z * state + (1 - z) * n
+        outs.append(state)
+    if record is not None:
+        record[layer.name] = (x, (tf.stack(prev, axis=1), tf.stack(cand, axis=1)))
+    return tf.stack(outs, axis=1) if layer.return_sequences else outs[-1]
+
+
 def _sq_column_grads(x, delta):
     """sum over rows of the squared per-clip gradient of W in z_t = x_t W (+ ...): for every clip n
     and column c, sum_f (sum_t x[n,t,f] delta[n,t,c])^2 = delta^T (x x^T) delta, through the per-clip
     Gram matrix over time (no [n, f, c] intermediate)."""
     gram = tf.matmul(x, x, transpose_b=True)                      # [n, t, t]
     return tf.reduce_sum(delta * tf.matmul(gram, delta), axis=1)  # [n, c]
+
+
+def _gru_sq_grads(layer, inp, prev, d) -> dict:
+    """Per-clip squared margin gradients of a GRU's weights, summed over rows, from the adjoints
+    d = (input products, recurrent products): the recurrent kernel's candidate columns multiply
+    r * h_{t-1} without reset_after; a (2, 3U) bias sums its input and recurrent rows."""
+    (dx, dh), (h_prev, cand), u = d, prev, layer.cell.units
+    return {"kernel": lambda: _sq_column_grads(inp, dx),
+            "recurrent_kernel": lambda: tf.concat([_sq_column_grads(h_prev, dh[..., :2 * u]),
+                                                   _sq_column_grads(cand, dh[..., 2 * u:])], axis=-1),
+            "bias": lambda: tf.square(tf.reduce_sum(dx, axis=1))
+            + (tf.square(tf.reduce_sum(dh, axis=1)) if layer.cell.reset_after else 0.0)}
 
 
 def _make_pass(model, names: Sequence[str]):
@@ -203,6 +259,8 @@ def _make_pass(model, names: Sequence[str]):
                 layer = model.get_layer(name)
                 if isinstance(layer, keras.layers.LSTM):
                     probes[name] = tf.zeros((n, layer.input_shape[1], 4 * layer.cell.units))
+                elif isinstance(layer, keras.layers.GRU):
+                    probes[name] = tuple(tf.zeros((n, layer.input_shape[1], 3 * layer.cell.units)) for _ in "xh")
                 else:
                     probes[name] = tf.zeros((n, layer.units))
                 tape.watch(probes[name])
@@ -216,7 +274,9 @@ def _make_pass(model, names: Sequence[str]):
             for name in layers:
                 d = deltas[name]
                 inp, prev = record[name]
-                if prev is not None:   # LSTM: dm/dW = sum_t x_t^T d_t, dm/dR = sum_t h_{t-1}^T d_t, dm/db = sum_t d_t
+                if isinstance(prev, tuple):   # GRU: dm/dW from the input products, dm/dR from the recurrent
+                    per = _gru_sq_grads(model.get_layer(name), inp, prev, d)
+                elif prev is not None:   # LSTM: dm/dW = sum_t x_t^T d_t, dm/dR = sum_t h_{t-1}^T d_t, dm/db = sum_t d_t
                     per = {"kernel": lambda: _sq_column_grads(inp, d),
                            "recurrent_kernel": lambda: _sq_column_grads(prev, d),
                            "bias": lambda: tf.square(tf.reduce_sum(d, axis=1))}
@@ -307,10 +367,14 @@ def predict_summary(float_model, feats, cfg: QuantConfig, spec: "PredictSpec", s
     """The `predict/*` summary keys of a PTQ run: `predict/degradation` (points) for the weights of
     `cfg`, predicted from `spec.n_calib` labelled clips of `spec.calib`. Activation / state
     quantization is not modelled: when `cfg` has it, the prediction covers the weights only and
-    `predict/weights_only` is true. Costs one gradient pass (seconds)."""
+    `predict/weights_only` is true. Costs one gradient pass (seconds). A model the predictor cannot
+    follow gets no prediction (`predict/degradation` null) and the reason in `predict/unsupported`."""
     t0 = time.perf_counter()
     x, y = calibration_set(feats.x[spec.calib], feats.y[spec.calib], spec.n_calib, seed)
-    drop = predict_drop(float_model, x, y, cfg.weights_only(), sensitivity(float_model, x, y, spec.competitors))
+    try:
+        drop = predict_drop(float_model, x, y, cfg.weights_only(), sensitivity(float_model, x, y, spec.competitors))
+    except UnsupportedModel as e:
+        return {"predict/degradation": None, "predict/unsupported": str(e), "time/predict_s": time.perf_counter() - t0}
     return {"predict/degradation": drop, "predict/calibration_clips": len(x), "predict/calibration_split": spec.calib,
             "predict/weights_only": cfg.quantizes_activations, "time/predict_s": time.perf_counter() - t0}
 

@@ -6,7 +6,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from qat.layers.model import float_weight, quantized_weights
+from qat.layers.model import float_layers, float_weight, quantized_weights
 from qat.quant.reference import error_stats
 
 REPORT_COLUMNS = ["tensor", "bits", "mae", "mse", "sqnr_db", "levels"]
@@ -33,11 +33,13 @@ def weight_report(float_model, qmodel) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def report_summary(report: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """Flat summary keys `quant/weights/<layer>/<weight>/<figure>` plus `quant/levels_ok` overall."""
+def report_summary(report: Dict[str, Dict[str, Any]], qmodel) -> Dict[str, Any]:
+    """Flat summary keys `quant/weights/<layer>/<weight>/<figure>`, `quant/levels_ok` overall, and
+    `quant/float_layers`: the layers of `qmodel` left computing in float (never silently)."""
     out = {f"quant/weights/{name}/{k}": v for name, r in report.items() for k, v in r.items()
            if k in ("mae", "mse", "sqnr_db", "levels")}
     out["quant/levels_ok"] = all(r["levels_ok"] for r in report.values())
+    out["quant/float_layers"] = float_layers(qmodel)
     return out
 
 

@@ -23,10 +23,19 @@ from qat.runtime import stderr_silenced
 TFLITE_MODES = ("dynamic", "float16", "int8")
 
 
-def batch1_copy(model):
+def batch1_copy(model, unroll_gru: bool = False):
     """The same model with a fixed batch of 1: the batch-None LSTM needs Flex ops that the stock
-    TFLite interpreter lacks, the batch-1 one converts to the builtin fused LSTM."""
-    copy = keras.models.clone_model(model, input_tensors=keras.Input(batch_shape=(1, *model.input_shape[1:])))
+    TFLite interpreter lacks, the batch-1 one converts to the builtin fused LSTM. TFLite has no GRU
+    op: a GRU converts to a while loop of builtin ops, or with `unroll_gru` to its time steps
+    written out (the full-integer converter of TF 2.21 crashes on the GRU's loop)."""
+    def clone(layer):
+        config = layer.get_config()
+        if unroll_gru and type(layer) is keras.layers.GRU:
+            config["unroll"] = True
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, input_tensors=keras.Input(batch_shape=(1, *model.input_shape[1:])),
+                                    clone_function=clone)
     copy.set_weights(model.get_weights())
     return copy
 
@@ -35,7 +44,7 @@ def to_tflite(model, mode: str, representative: Optional[np.ndarray] = None, int
     """Convert a float Keras model: `dynamic` (int8 weights, float activations), `float16`, or `int8`
     (full integer with a representative dataset; `int8_io` makes input and output int8 too)."""
     OneOf(TFLITE_MODES)("mode", mode)
-    converter = tf.lite.TFLiteConverter.from_keras_model(batch1_copy(model))
+    converter = tf.lite.TFLiteConverter.from_keras_model(batch1_copy(model, unroll_gru=mode == "int8"))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "float16":
         converter.target_spec.supported_types = [tf.float16]

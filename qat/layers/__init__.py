@@ -1,2 +1,2 @@
-"""Quantized Keras layers (QDense, QLSTM) and whole-model quantization (`model`); tfmot
+"""Quantized Keras layers (QDense, QLSTM, QGRU) and whole-model quantization (`model`); tfmot
 QuantizeConfigs for the same layers (`tfmot`)."""

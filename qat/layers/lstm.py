@@ -20,56 +20,30 @@ Not supported: stateful, go_backwards, return_state, time_major, regularizers an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import tensorflow as tf
 import tf_keras as keras
 
-from qat.errors import ConfigError
-from qat.layers.base import QuantizedLayer
-from qat.layers.recurrent import LoopCache, time_loop
+from qat.layers.recurrent import QuantizedRNN, time_loop
 from qat.quant.ops import fused_fake_quant
-from qat.quant.quantizers import concat_params
-from qat.quant.spec import QuantSpec
 
 GATES = ("gate_i", "gate_f", "gate_c", "gate_o")
 STATES = ("state_c", "state_h")
 
 
 @keras.saving.register_keras_serializable(package="qat")
-class QLSTM(QuantizedLayer, keras.layers.Layer):
+class QLSTM(QuantizedRNN):
     """LSTM with optional fake quantization of weights, input, gates and state (see module doc)."""
 
     weight_names = ("kernel", "recurrent_kernel", "bias")
+    gate_names = GATES
+    state_names = STATES
+    float_type = keras.layers.LSTM
 
-    def __init__(self, units: int, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
-                 return_sequences: bool = False, dropout: float = 0.0, recurrent_dropout: float = 0.0,
-                 kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal",
-                 bias_initializer="zeros", unit_forget_bias: bool = True,
-                 kernel_quant: Optional[QuantSpec] = None, recurrent_kernel_quant: Optional[QuantSpec] = None,
-                 bias_quant: Optional[QuantSpec] = None, input_quant: Optional[QuantSpec] = None,
-                 gate_quant: Optional[QuantSpec] = None, state_quant: Optional[QuantSpec] = None,
-                 quantizer="range", **kwargs):
-        super().__init__(**kwargs)
-        self.units = int(units)
-        self.activation = keras.activations.get(activation)
-        self.recurrent_activation = keras.activations.get(recurrent_activation)
-        self.use_bias, self.return_sequences = bool(use_bias), bool(return_sequences)
-        self.dropout, self.recurrent_dropout = float(dropout), float(recurrent_dropout)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.recurrent_initializer = keras.initializers.get(recurrent_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
+    def __init__(self, units: int, unit_forget_bias: bool = True, **kwargs):
+        super().__init__(units, **kwargs)
         self.unit_forget_bias = bool(unit_forget_bias)
-        self._set_quantization({"kernel": kernel_quant, "recurrent_kernel": recurrent_kernel_quant,
-                                "bias": bias_quant, "input": input_quant, "gate": gate_quant,
-                                "state": state_quant}, quantizer)
-        # Traced loops, set past Keras' attribute tracking: they are code, not state to save.
-        object.__setattr__(self, "_loops", LoopCache(_recurrence))
-        object.__setattr__(self, "_intermediates", tf.function(_intermediates, autograph=False,
-                                                               reduce_retracing=True))
-        self.input_spec = keras.layers.InputSpec(ndim=3)
-
-    # ------------------------------------------------------------------ weights and quantizers
 
     def build(self, input_shape):
         features, u = int(input_shape[-1]), self.units
@@ -84,94 +58,28 @@ class QLSTM(QuantizedLayer, keras.layers.Layer):
                     b = self.bias_initializer((u,), dtype=dtype)
                     return tf.concat([b, tf.ones((u,), dtype=dtype), self.bias_initializer((2 * u,), dtype=dtype)], 0)
             self.bias = self.add_weight("bias", shape=(4 * u,), initializer=init)
-        self._build_quantizers([(("input",), "input", features), (GATES, "gate", u), (STATES, "state", u)])
+        self._build_activation_quantizers(features)
         super().build(input_shape)
 
-    def _weights(self):
-        return (self.quantized_weight("kernel"), self.quantized_weight("recurrent_kernel"),
-                self.quantized_weight("bias") if self.use_bias else None)
+    def _cell(self, kinds: tuple, gated: bool) -> "_Cell":
+        return _Cell(self.units, self.activation, self.recurrent_activation, kinds, gated)
 
-    # ------------------------------------------------------------------ forward pass
+    n_states = 2     # (h, c)
 
-    def call(self, inputs, training=None):
-        training = bool(training)
-        inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
-        q_in = self.activation_quantizers.get("input")
-        x = inputs if q_in is None else q_in(inputs)
-        if training and self.dropout > 0:
-            # As Keras' LSTM (its fused path): a fresh mask for every time step, not one per sequence.
-            x = tf.nn.dropout(x, rate=self.dropout)
-        x = tf.transpose(x, [1, 0, 2])
-        rec_mask = None
-        if training and self.recurrent_dropout > 0:
-            rec_mask = tf.nn.dropout(tf.ones((tf.shape(x)[1], self.units), x.dtype), rate=self.recurrent_dropout)
-        # the quantizers inside the time loop: their kinds key the traced loop, their ranges are inputs
-        kinds, params = {}, {}
-        gates = [self.activation_quantizers.get(g) for g in GATES]
-        if gates[0] is not None:
-            kinds["gate"], params["gate"] = gates[0].kind, concat_params(gates, self.units)
-        for name in STATES:
-            q = self.activation_quantizers.get(name)
-            if q is not None:
-                kinds[name], params[name] = q.kind, q.params()
-        args = (x, *self._weights(), rec_mask, params)
-        loop = lambda gated: self._loops(_Cell(self.units, self.activation, self.recurrent_activation,
-                                               tuple(sorted(kinds.items())), gated))(*args)
-        # Quantizers pass values through until calibrated, which costs a select per quantizer and time
-        # step; once every quantizer in the loop is calibrated (training, evaluation) a loop without
-        # the selects runs instead, with the same results.
-        if params:
-            calibrated = tf.reduce_all([tf.reduce_all(on) for on, _, _ in params.values()])
-            (hs,) = tf.cond(calibrated, lambda: loop(False), lambda: loop(True))
-        else:
-            (hs,) = loop(False)
-        return tf.transpose(hs, [1, 0, 2]) if self.return_sequences else hs[-1]
+    @staticmethod
+    def _step_fn(kernel, rec_kernel, bias, rec_mask, params, cell):
+        return _lstm_step(kernel, rec_kernel, bias, rec_mask, params, cell)
 
-    def calibration_values(self, inputs) -> dict:
-        inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
-        out = self._intermediates(tf.transpose(inputs, [1, 0, 2]), *self._weights(), self.units,
-                                  self.activation, self.recurrent_activation)
-        return {"input": inputs, **dict(zip(STATES + GATES, out))}
-
-    def compute_output_shape(self, input_shape):
-        input_shape = tf.TensorShape(input_shape)
-        if self.return_sequences:
-            return input_shape[:2].concatenate([self.units])
-        return input_shape[:1].concatenate([self.units])
+    @staticmethod
+    def _intermediates(x, kernel, rec_kernel, bias, cell):
+        return _intermediates(x, kernel, rec_kernel, bias, cell)
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            units=self.units, activation=keras.activations.serialize(self.activation),
-            recurrent_activation=keras.activations.serialize(self.recurrent_activation),
-            use_bias=self.use_bias, return_sequences=self.return_sequences, dropout=self.dropout,
-            recurrent_dropout=self.recurrent_dropout,
-            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
-            recurrent_initializer=keras.initializers.serialize(self.recurrent_initializer),
-            bias_initializer=keras.initializers.serialize(self.bias_initializer),
-            unit_forget_bias=self.unit_forget_bias, **self.quantization_config())
-        return config
+        return {**super().get_config(), "unit_forget_bias": self.unit_forget_bias}
 
     @classmethod
-    def from_float(cls, lstm, specs: dict, quantizer="range") -> "QLSTM":
-        """An unbuilt QLSTM configured like the float `keras.layers.LSTM` `lstm` (same name).
-        `specs` maps kernel/recurrent_kernel/bias/input/gate/state to a QuantSpec or None."""
-        unsupported = {"stateful": lstm.stateful, "go_backwards": lstm.go_backwards,
-                       "return_state": lstm.return_state, "time_major": lstm.time_major}
-        cell = lstm.cell
-        unsupported.update({f"{n}": getattr(cell, n) is not None for n in (
-            "kernel_regularizer", "recurrent_regularizer", "bias_regularizer", "kernel_constraint",
-            "recurrent_constraint", "bias_constraint")})
-        unsupported["activity_regularizer"] = lstm.activity_regularizer is not None
-        bad = [k for k, v in unsupported.items() if v]
-        if bad:
-            raise ConfigError(f"LSTM layer '{lstm.name}' uses {', '.join(bad)}, which quantization does not "
-                              "support: expected a plain LSTM (return_sequences and dropout are fine)")
-        return cls(lstm.units, activation=cell.activation, recurrent_activation=cell.recurrent_activation,
-                   use_bias=cell.use_bias, return_sequences=lstm.return_sequences, dropout=cell.dropout,
-                   recurrent_dropout=cell.recurrent_dropout, quantizer=quantizer, name=lstm.name,
-                   **{f"{key}_quant": specs.get(key) for key in ("kernel", "recurrent_kernel", "bias", "input",
-                                                                 "gate", "state")})
+    def _float_options(cls, layer) -> dict:
+        return {"unit_forget_bias": layer.cell.unit_forget_bias}
 
 
 @dataclass(frozen=True)
@@ -186,8 +94,8 @@ class _Cell:
     gated: bool
 
 
-def _recurrence(x, kernel, rec_kernel, bias, rec_mask, params, cell: _Cell):
-    """The quantized LSTM over time-major x [T, B, F]: the h sequence [T, B, U] (a 1-tuple)."""
+def _lstm_step(kernel, rec_kernel, bias, rec_mask, params, cell: _Cell):
+    """One quantized LSTM time step, (x_t, (h, c)) -> ((h_new, c_new), (h_new,))."""
     kinds = dict(cell.kinds)
     act, rec_act = cell.activation, cell.recurrent_activation
     u = cell.units
@@ -196,7 +104,7 @@ def _recurrence(x, kernel, rec_kernel, bias, rec_mask, params, cell: _Cell):
     quant = {name: kind.bind(*params[name], gated=cell.gated) for name, kind in kinds.items()
              if not (one_sigmoid and name == "gate")}
     if one_sigmoid:
-        ones = tf.ones((u,), x.dtype)
+        ones = tf.ones((u,), kernel.dtype)
         double = tf.concat([ones, ones, 2 * ones, ones], 0)
         kernel, rec_kernel = kernel * double, rec_kernel * double
         bias = None if bias is None else bias * double
@@ -223,13 +131,13 @@ def _recurrence(x, kernel, rec_kernel, bias, rec_mask, params, cell: _Cell):
         h_new = hq(o * act(c_new))
         return (h_new, c_new), (h_new,)
 
-    zeros = tf.zeros((tf.shape(x)[1], u), x.dtype)
-    return time_loop(x, (zeros, zeros), step, 1)
+    return step
 
 
-def _intermediates(x, kernel, rec_kernel, bias, units: int, act, rec_act):
+def _intermediates(x, kernel, rec_kernel, bias, cell: _Cell):
     """The LSTM over time-major x with no activation quantization: c, h and the four gates at every
     step, each [T, B, U] (what calibration estimates the activation ranges from)."""
+    act, rec_act = cell.activation, cell.recurrent_activation
 
     def step(x_t, states):
         h, c = states
@@ -242,5 +150,5 @@ def _intermediates(x, kernel, rec_kernel, bias, units: int, act, rec_act):
         h_new = o * act(c_new)
         return (h_new, c_new), (c_new, h_new, i, f, g, o)
 
-    zeros = tf.zeros((tf.shape(x)[1], units), x.dtype)
+    zeros = tf.zeros((tf.shape(x)[1], cell.units), x.dtype)
     return time_loop(x, (zeros, zeros), step, 6)

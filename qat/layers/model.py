@@ -1,7 +1,7 @@
 """Whole-model quantization: which tensors of a model are quantized (`QuantConfig`), the fake-quant twin
 of a float model (`quantize_model`), freezing its ranges, and its quantized weights as integer codes.
 
-`quantize_model` swaps every `LSTM` for QLSTM and every `Dense` for QDense (same names, float
+`quantize_model` swaps every `LSTM` for QLSTM, every `GRU` for QGRU and every `Dense` for QDense (same names, float
 weights copied, weight ranges fitted with each spec's estimator) and copies all other layers as they
 are. The twin trains with `model.fit` (straight-through gradients) and saves / loads as .keras.
 Activation ranges come from calibration (qat.algorithms.calibration); before it the activation
@@ -20,7 +20,9 @@ from qat.checks import rejected
 from qat.errors import ConfigError
 from qat.layers.base import QuantizedLayer, float_source
 from qat.layers.dense import QDense
+from qat.layers.gru import QGRU
 from qat.layers.lstm import QLSTM
+from qat.layers.recurrent import QuantizedRNN
 from qat.quant.quantizers import RANGE, Strategy
 from qat.quant.spec import QuantSpec
 
@@ -31,13 +33,13 @@ SPEC_FIELDS = ("weights", "bias", "inputs", "gates", "state")
 class QuantConfig:
     """What is quantized at which spec (None = keep float), and by which quantizer strategy."""
 
-    weights: Optional[QuantSpec] = None   # LSTM kernel + recurrent kernel + Dense kernel
-    bias: Optional[QuantSpec] = None      # LSTM and Dense biases
+    weights: Optional[QuantSpec] = None   # LSTM / GRU kernel + recurrent kernel + Dense kernel
+    bias: Optional[QuantSpec] = None      # LSTM, GRU and Dense biases
     inputs: Optional[QuantSpec] = None    # layer inputs (act_bits); a Dense input is always per tensor:
                                           # per-feature ranges of a flattened LSTM sequence would cost
                                           # two floats per input, more than the weights they serve
-    gates: Optional[QuantSpec] = None     # the four LSTM gate activations (act_bits)
-    state: Optional[QuantSpec] = None     # LSTM cell state c and hidden state h (state_bits)
+    gates: Optional[QuantSpec] = None     # the gate activations: LSTM i, f, c, o; GRU z, r, h (act_bits)
+    state: Optional[QuantSpec] = None     # LSTM cell state c and hidden state h; GRU h (state_bits)
     strategy: Strategy = RANGE            # qat.quant.quantizers.RANGE or LSQ (learned step sizes)
     overrides: Mapping[str, QuantSpec] = field(default_factory=dict)  # e.g. {"lstm/kernel": QuantSpec(3)}
 
@@ -63,7 +65,9 @@ class QuantConfig:
         return replace(self, inputs=None, gates=None, state=None)
 
 
-QUANTIZED_LAYERS = (QLSTM, QDense)
+QUANTIZED_LAYERS = (QLSTM, QGRU, QDense)
+# float recurrent layer type -> its quantized twin
+RECURRENT = {keras.layers.LSTM: QLSTM, keras.layers.GRU: QGRU}
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class QuantizedTensor:
 
 
 def _weight_names(layer) -> List[str]:
-    if isinstance(layer, (keras.layers.LSTM, QLSTM)):
+    if isinstance(layer, (*RECURRENT, QuantizedRNN)):
         names = ["kernel", "recurrent_kernel"] + (["bias"] if layer.use_bias else [])
     elif type(layer) in (keras.layers.Dense, QDense):
         names = ["kernel"] + (["bias"] if layer.use_bias else [])
@@ -103,7 +107,7 @@ def _layer_specs(layer, cfg: QuantConfig) -> dict:
     names = {n.split("/")[-1]: n for n in _weight_names(layer)}
     specs = {w: cfg.overrides.get(full, cfg.bias if w == "bias" else cfg.weights) for w, full in names.items()}
     specs["input"] = cfg.inputs
-    if isinstance(layer, keras.layers.LSTM):
+    if type(layer) in RECURRENT:
         specs.update(gate=cfg.gates, state=cfg.state)
     elif cfg.inputs is not None and cfg.inputs.granularity == "per_channel":
         specs["input"] = replace(cfg.inputs, granularity="per_tensor")
@@ -111,18 +115,18 @@ def _layer_specs(layer, cfg: QuantConfig) -> dict:
 
 
 def _clone(layer, cfg: QuantConfig):
-    if isinstance(layer, keras.layers.LSTM):
-        return QLSTM.from_float(layer, _layer_specs(layer, cfg), cfg.strategy)
+    if type(layer) in RECURRENT:
+        return RECURRENT[type(layer)].from_float(layer, _layer_specs(layer, cfg), cfg.strategy)
     if type(layer) is keras.layers.Dense:
         return QDense.from_float(layer, _layer_specs(layer, cfg), cfg.strategy)
     if isinstance(layer, (keras.layers.RNN, keras.layers.Wrapper)):
         raise ConfigError(f"layer '{layer.name}' ({type(layer).__name__}) is not supported by quantize_model: "
-                          "expected plain LSTM and Dense layers (other layers are copied as float)")
+                          "expected plain LSTM, GRU and Dense layers (other layers are copied as float)")
     return layer.__class__.from_config(layer.get_config())
 
 
 def quantize_model(float_model, cfg: QuantConfig):
-    """The fake-quant twin of `float_model`: LSTM -> QLSTM, Dense -> QDense with the quantizers `cfg`
+    """The fake-quant twin of `float_model`: LSTM -> QLSTM, GRU -> QGRU, Dense -> QDense with the quantizers `cfg`
     asks for, float weights copied, weight ranges initialised from the float weights with each
     spec's estimator; other layers (Normalization, Flatten, Dropout, ...) copied as they are."""
     if not isinstance(cfg, QuantConfig):
@@ -143,6 +147,13 @@ def quantize_model(float_model, cfg: QuantConfig):
 
 def quantized_layers(qmodel) -> List[QuantizedLayer]:
     return [layer for layer in qmodel.layers if isinstance(layer, QuantizedLayer)]
+
+
+def float_layers(qmodel) -> List[str]:
+    """Names of the layers of a twin that compute with parameters in float: not quantized layers that
+    hold weights (e.g. a convolution), and normalisation (its statistics are float constants)."""
+    return [layer.name for layer in qmodel.layers if not isinstance(layer, QuantizedLayer)
+            and (layer.weights or isinstance(layer, keras.layers.Normalization))]
 
 
 def freeze_ranges(qmodel) -> None:

@@ -1,4 +1,4 @@
-"""The time loop shared by the quantized recurrent layers.
+"""The time loop and the layer base shared by the quantized recurrent layers (QLSTM, QGRU).
 
 Written as Keras' own CPU recurrent kernels are (`tf.while_loop` over a TensorArray of time steps,
 the input projection inside the step, `parallel_iterations=32`), and traced once per layer and
@@ -7,9 +7,15 @@ model's traces alive, and one function traced for many configurations retraces o
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Hashable, Sequence, Tuple
+from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple
 
 import tensorflow as tf
+import tf_keras as keras
+
+from qat.errors import ConfigError
+from qat.layers.base import QuantizedLayer
+from qat.quant.quantizers import concat_params
+from qat.quant.spec import QuantSpec
 
 
 def time_loop(x, initial_states: Sequence[tf.Tensor], step: Callable, n_outputs: int) -> Tuple[tf.Tensor, ...]:
@@ -42,3 +48,186 @@ class LoopCache:
             traced = tf.function(lambda *args: fn(*args, key), autograph=False, reduce_retracing=True)
             self._traced[key] = traced
         return traced
+
+
+class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
+    """What the quantized recurrent layers (QLSTM, QGRU) share: the Keras-like constructor and config,
+    the quantization points (weights `weight_names`; `input`; the gate activations `gate_names`, one
+    spec "gate"; the states `state_names`, one spec "state"), the forward pass around the traced time
+    loop, calibration values and taking over a float Keras layer.
+
+    A subclass sets the names and `n_states`, builds its weights and quantizers (`build`), and gives
+    one time step (`_step_fn(kernel, recurrent_kernel, bias, rec_mask, params, cell)` -> a function
+    (x_t, states) -> (new states, (h_t,)), states[0] being h) and the unquantized loop for calibration
+    (`_intermediates(x, kernel, recurrent_kernel, bias, cell)`, every state and gate over time-major
+    x, in `state_names + gate_names` order). `step` runs one frame with carried states: streaming."""
+
+    gate_names: Tuple[str, ...] = ()
+    state_names: Tuple[str, ...] = ()
+    n_states: int = 1                        # carried state tensors, h first
+    float_type: type = keras.layers.RNN      # the Keras layer this one replaces
+
+    def __init__(self, units: int, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
+                 return_sequences: bool = False, dropout: float = 0.0, recurrent_dropout: float = 0.0,
+                 kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal",
+                 bias_initializer="zeros", kernel_quant: Optional[QuantSpec] = None,
+                 recurrent_kernel_quant: Optional[QuantSpec] = None, bias_quant: Optional[QuantSpec] = None,
+                 input_quant: Optional[QuantSpec] = None, gate_quant: Optional[QuantSpec] = None,
+                 state_quant: Optional[QuantSpec] = None, quantizer="range", **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.activation = keras.activations.get(activation)
+        self.recurrent_activation = keras.activations.get(recurrent_activation)
+        self.use_bias, self.return_sequences = bool(use_bias), bool(return_sequences)
+        self.dropout, self.recurrent_dropout = float(dropout), float(recurrent_dropout)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.recurrent_initializer = keras.initializers.get(recurrent_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self._set_quantization({"kernel": kernel_quant, "recurrent_kernel": recurrent_kernel_quant,
+                                "bias": bias_quant, "input": input_quant, "gate": gate_quant,
+                                "state": state_quant}, quantizer)
+        # Traced loops, set past Keras' attribute tracking: they are code, not state to save.
+        object.__setattr__(self, "_loops", LoopCache(type(self)._recurrence))
+        object.__setattr__(self, "_traced_intermediates", tf.function(type(self)._intermediates, autograph=False,
+                                                                      reduce_retracing=True))
+        self.input_spec = keras.layers.InputSpec(ndim=3)
+
+    # ------------------------------------------------------------------ for subclasses
+
+    @staticmethod
+    def _step_fn(kernel, rec_kernel, bias, rec_mask, params, cell) -> Callable:
+        raise NotImplementedError
+
+    @classmethod
+    def _recurrence(cls, x, kernel, rec_kernel, bias, rec_mask, params, cell):
+        """The layer over time-major x [T, B, F]: the h sequence [T, B, U] (a 1-tuple)."""
+        step = cls._step_fn(kernel, rec_kernel, bias, rec_mask, params, cell)
+        zeros = tf.zeros((tf.shape(x)[1], cell.units), x.dtype)
+        return time_loop(x, (zeros,) * cls.n_states, step, 1)
+
+    @staticmethod
+    def _intermediates(x, kernel, rec_kernel, bias, cell):
+        raise NotImplementedError
+
+    def _cell(self, kinds: tuple, gated: bool):
+        """The static part of the loop (hashable: it keys the loop's trace)."""
+        raise NotImplementedError
+
+    def _build_activation_quantizers(self, features: int) -> None:
+        self._build_quantizers([(("input",), "input", features), (self.gate_names, "gate", self.units),
+                                (self.state_names, "state", self.units)])
+
+    # ------------------------------------------------------------------ forward pass
+
+    def _weights(self):
+        return (self.quantized_weight("kernel"), self.quantized_weight("recurrent_kernel"),
+                self.quantized_weight("bias") if self.use_bias else None)
+
+    def call(self, inputs, training=None):
+        training = bool(training)
+        inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
+        q_in = self.activation_quantizers.get("input")
+        x = inputs if q_in is None else q_in(inputs)
+        if training and self.dropout > 0:
+            # As Keras' fused recurrent kernels: a fresh mask for every time step, not one per sequence.
+            x = tf.nn.dropout(x, rate=self.dropout)
+        x = tf.transpose(x, [1, 0, 2])
+        rec_mask = None
+        if training and self.recurrent_dropout > 0:
+            rec_mask = tf.nn.dropout(tf.ones((tf.shape(x)[1], self.units), x.dtype), rate=self.recurrent_dropout)
+        kinds, params = self._loop_quantizers()
+        args = (x, *self._weights(), rec_mask, params)
+        loop = lambda gated: self._loops(self._cell(kinds, gated))(*args)
+        # Quantizers pass values through until calibrated, which costs a select per quantizer and time
+        # step; once every quantizer in the loop is calibrated (training, evaluation) a loop without
+        # the selects runs instead, with the same results.
+        if params:
+            calibrated = tf.reduce_all([tf.reduce_all(on) for on, _, _ in params.values()])
+            (hs,) = tf.cond(calibrated, lambda: loop(False), lambda: loop(True))
+        else:
+            (hs,) = loop(False)
+        return tf.transpose(hs, [1, 0, 2]) if self.return_sequences else hs[-1]
+
+    def _loop_quantizers(self):
+        """The quantizers inside the time loop: their kinds (sorted pairs; they key the traced loop)
+        and their (on, scale, zero point) parameters, the loop's inputs."""
+        kinds, params = {}, {}
+        gates = [self.activation_quantizers.get(g) for g in self.gate_names]
+        if gates and gates[0] is not None:
+            kinds["gate"], params["gate"] = gates[0].kind, concat_params(gates, self.units)
+        for name in self.state_names:
+            q = self.activation_quantizers.get(name)
+            if q is not None:
+                kinds[name], params[name] = q.kind, q.params()
+        return tuple(sorted(kinds.items())), params
+
+    def calibrated(self) -> bool:
+        """Whether every quantizer inside the time loop has a range (evaluated eagerly)."""
+        return all(bool(tf.reduce_all(on)) for on, _, _ in self._loop_quantizers()[1].values())
+
+    def initial_states(self, batch: int) -> tuple:
+        zeros = tf.zeros((batch, self.units), self.compute_dtype)
+        return (zeros,) * self.n_states
+
+    def step(self, x_t, states: tuple, gated: bool = True):
+        """One frame [B, F] through the layer at inference, from carried `states` (initial_states
+        first): (h_t, new states). Over a clip it computes what `call` computes; `gated=False` (all
+        loop quantizers calibrated, see `calibrated`) is the loop `call` runs then."""
+        x_t = tf.convert_to_tensor(x_t, self.compute_dtype)
+        q_in = self.activation_quantizers.get("input")
+        x_t = x_t if q_in is None else q_in(x_t)
+        kinds, params = self._loop_quantizers()
+        step = self._step_fn(*self._weights(), None, params, self._cell(kinds, gated))
+        new_states, (h,) = step(x_t, tuple(states))
+        return h, tuple(new_states)
+
+    def calibration_values(self, inputs) -> dict:
+        inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
+        out = self._traced_intermediates(tf.transpose(inputs, [1, 0, 2]), *self._weights(), self._cell((), False))
+        return {"input": inputs, **dict(zip(self.state_names + self.gate_names, out))}
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        if self.return_sequences:
+            return input_shape[:2].concatenate([self.units])
+        return input_shape[:1].concatenate([self.units])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            units=self.units, activation=keras.activations.serialize(self.activation),
+            recurrent_activation=keras.activations.serialize(self.recurrent_activation),
+            use_bias=self.use_bias, return_sequences=self.return_sequences, dropout=self.dropout,
+            recurrent_dropout=self.recurrent_dropout,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            recurrent_initializer=keras.initializers.serialize(self.recurrent_initializer),
+            bias_initializer=keras.initializers.serialize(self.bias_initializer), **self.quantization_config())
+        return config
+
+    @classmethod
+    def _float_options(cls, layer) -> dict:
+        """Constructor options of the float layer beyond the shared ones (e.g. GRU's reset_after)."""
+        return {}
+
+    @classmethod
+    def from_float(cls, layer, specs: dict, quantizer="range"):
+        """An unbuilt quantized layer configured like the float Keras layer `layer` (same name).
+        `specs` maps kernel/recurrent_kernel/bias/input/gate/state to a QuantSpec or None."""
+        unsupported = {"stateful": layer.stateful, "go_backwards": layer.go_backwards,
+                       "return_state": layer.return_state, "time_major": layer.time_major}
+        cell = layer.cell
+        unsupported.update({f"{n}": getattr(cell, n) is not None for n in (
+            "kernel_regularizer", "recurrent_regularizer", "bias_regularizer", "kernel_constraint",
+            "recurrent_constraint", "bias_constraint")})
+        unsupported["activity_regularizer"] = layer.activity_regularizer is not None
+        bad = [k for k, v in unsupported.items() if v]
+        kind = cls.float_type.__name__
+        if bad:
+            raise ConfigError(f"{kind} layer '{layer.name}' uses {', '.join(bad)}, which quantization does not "
+                              f"support: expected a plain {kind} (return_sequences and dropout are fine)")
+        return cls(layer.units, activation=cell.activation, recurrent_activation=cell.recurrent_activation,
+                   use_bias=cell.use_bias, return_sequences=layer.return_sequences, dropout=cell.dropout,
+                   recurrent_dropout=cell.recurrent_dropout, quantizer=quantizer, name=layer.name,
+                   **cls._float_options(layer),
+                   **{f"{key}_quant": specs.get(key) for key in ("kernel", "recurrent_kernel", "bias", "input",
+                                                                 "gate", "state")})

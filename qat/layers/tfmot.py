@@ -1,5 +1,5 @@
 """tfmot integration: QuantizeConfigs that let `quantize_annotate_layer` + `quantize_apply` take the
-Keras LSTM (which tfmot's default registry rejects) and an n-bit Dense, at any bit-width 2..16.
+Keras LSTM and GRU (which tfmot's default registry rejects) and an n-bit Dense, at any bit-width 2..16.
 
 Weights use tfmot's own `LastValueQuantizer` (range = min/max of the current weights, per output
 column with per_channel), activations its `MovingAverageQuantizer` (EMA of batch min/max during
@@ -90,6 +90,13 @@ class LSTMQuantizeConfig(_NBitConfig):
 
 
 @keras.saving.register_keras_serializable(package="qat")
+class GRUQuantizeConfig(LSTMQuantizeConfig):
+    """The same for a Keras GRU: `bits`-bit kernel and recurrent kernel (bias float); with `act_bits`,
+    the inputs of its sigmoid (z, r pre-activations) and tanh (the candidate's); the state h stays
+    float inside the loop, as the LSTM's."""
+
+
+@keras.saving.register_keras_serializable(package="qat")
 class DenseQuantizeConfig(_NBitConfig):
     """`bits`-bit Dense kernel (bias float); with `act_bits`, the activation's input (softmax logits)."""
 
@@ -107,12 +114,14 @@ class DenseQuantizeConfig(_NBitConfig):
             (layer.activation,) = quantize_activations
 
 
-CUSTOM_OBJECTS = {"LSTMQuantizeConfig": LSTMQuantizeConfig, "DenseQuantizeConfig": DenseQuantizeConfig}
+CUSTOM_OBJECTS = {"LSTMQuantizeConfig": LSTMQuantizeConfig, "GRUQuantizeConfig": GRUQuantizeConfig,
+                  "DenseQuantizeConfig": DenseQuantizeConfig}
+RECURRENT_CONFIGS = {keras.layers.LSTM: LSTMQuantizeConfig, keras.layers.GRU: GRUQuantizeConfig}
 
 
 def tfmot_quantize(float_model, bits: int, act_bits: Optional[int] = None, per_channel: bool = True,
                    symmetric: bool = True, narrow_range: bool = False):
-    """tfmot QAT model of `float_model`: every LSTM and Dense annotated with the n-bit configs above,
+    """tfmot QAT model of `float_model`: every LSTM, GRU and Dense annotated with the n-bit configs above,
     then `quantize_apply` (inside `quantize_scope`); float weights are kept. tfmot starts every weight
     range at [-6, 6] and updates it only in training steps, so the ranges are set here from the float
     weights: the returned model is a valid quantized model before its first training step."""
@@ -120,8 +129,8 @@ def tfmot_quantize(float_model, bits: int, act_bits: Optional[int] = None, per_c
                   narrow_range=narrow_range)
 
     def annotate(layer):
-        if isinstance(layer, keras.layers.LSTM):
-            return _tq.quantize_annotate_layer(layer, LSTMQuantizeConfig(**kwargs))
+        if type(layer) in RECURRENT_CONFIGS:
+            return _tq.quantize_annotate_layer(layer, RECURRENT_CONFIGS[type(layer)](**kwargs))
         if type(layer) is keras.layers.Dense:
             return _tq.quantize_annotate_layer(layer, DenseQuantizeConfig(**kwargs))
         return layer

@@ -94,7 +94,7 @@ class Ptq(Recipe):
             calibrate(qmodel, batches(calib))
         freeze_ranges(qmodel)          # the evaluated model is the deployable one (see export)
         report = weight_report(model, qmodel)
-        summary.update(report_summary(report))
+        summary.update(report_summary(report, qmodel))
         packed = ctx.run_dir / f"model_{bits.bits}bit.qlstm"
         summary["quant/size_bytes"] = write_packed_model(qmodel, packed)
         ctx.tracker.table("quant/weight_error", REPORT_COLUMNS, report_rows(report))

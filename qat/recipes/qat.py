@@ -138,7 +138,7 @@ class Qat(Recipe):
             seconds.append(result["sec_per_epoch"])
         freeze_ranges(qmodel)
         report = weight_report(model, qmodel)
-        summary: Dict[str, Any] = report_summary(report)
+        summary: Dict[str, Any] = report_summary(report, qmodel)
         path = ctx.run_dir / f"model_{bits.bits}bit.qlstm"
         summary["quant/size_bytes"] = write_packed_model(qmodel, str(path))
         summary.update({"qat/epochs": sum(h["epochs"] for h in history), "qat/max_epochs": epochs,

@@ -48,7 +48,7 @@ class QatTfmot(Recipe):
             for weight, quantizer, qvars in getattr(layer, "_weight_vars", []):
                 wq = quantizer(weight, False, weights=qvars).numpy()
                 levels = max_levels(wq, opts.granularity == "per_channel")
-                name = weight.name.split(":")[0].replace("/lstm_cell", "")
+                name = weight.name.split(":")[0].replace("/lstm_cell", "").replace("/gru_cell", "")
                 summary[f"quant/weights/{name}/levels"] = levels
                 summary[f"quant/weights/{name}/mse"] = float(np.mean((wq - weight.numpy()) ** 2))
                 levels_ok &= levels <= 2 ** bits.bits

@@ -1,4 +1,5 @@
-"""The study's keyword-spotting model: [Normalization] -> LSTM(units) x layers -> Flatten -> Dense(softmax)."""
+"""The keyword-spotting model: [Normalization] -> LSTM or GRU (units) x layers -> Flatten -> Dense(softmax);
+the study's is one LSTM(80)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,18 +8,23 @@ from typing import Optional, Sequence
 import numpy as np
 import tf_keras as keras
 
-from qat.checks import Checked, Integer, Number, setting
+from qat.checks import Checked, Integer, Number, OneOf, setting
+
+# model.cell -> the Keras recurrent layer
+CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
 
 
 @dataclass(frozen=True)
 class ModelSpec(Checked):
-    """Size of the LSTM stack (conf/model/*.yaml; the study's is LSTM(80))."""
+    """The recurrent stack (conf/model/*.yaml; the study's is LSTM(80))."""
 
     section = "model"
 
+    cell: str = setting(OneOf(tuple(CELLS)))                          # the recurrent layer type
+
     units: int = setting(Integer(1))
     layers: int = setting(Integer(1))
-    dropout: float = setting(Number(0, 1, high_open=True))            # on the LSTM inputs and before the classifier
+    dropout: float = setting(Number(0, 1, high_open=True))            # on the recurrent inputs and before the classifier
     recurrent_dropout: float = setting(Number(0, 1, high_open=True))  # on the recurrent state (Keras semantics)
 
 
@@ -28,7 +34,8 @@ def build_model(input_shape: Sequence[int], n_classes: int, spec: ModelSpec,
     features) a fixed `Normalization` layer named "normalize" comes first, so the statistics are
     saved with the model and travel to evaluation and export.
 
-    Layer names are a contract used by quantization: "lstm", "lstm_1", ..., "flatten", "dense".
+    Layer names are a contract used by quantization: "<cell>", "<cell>_1", ... (e.g. "lstm", "gru_1"),
+    "flatten", "dense".
     """
     inputs = keras.Input(shape=tuple(input_shape), name="features")
     x = inputs
@@ -36,11 +43,11 @@ def build_model(input_shape: Sequence[int], n_classes: int, spec: ModelSpec,
         x = keras.layers.Normalization(axis=-1, mean=np.asarray(norm_mean), variance=np.asarray(norm_var),
                                        name="normalize")(x)
     for i in range(spec.layers):
-        x = keras.layers.LSTM(spec.units, return_sequences=True, dropout=spec.dropout,
-                              recurrent_dropout=spec.recurrent_dropout,
-                              name="lstm" if i == 0 else f"lstm_{i}")(x)
+        x = CELLS[spec.cell](spec.units, return_sequences=True, dropout=spec.dropout,
+                             recurrent_dropout=spec.recurrent_dropout,
+                             name=spec.cell if i == 0 else f"{spec.cell}_{i}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     if spec.dropout > 0:
         x = keras.layers.Dropout(spec.dropout, name="dropout")(x)
     outputs = keras.layers.Dense(n_classes, activation="softmax", name="dense")(x)
-    return keras.Model(inputs, outputs, name="kws_lstm")
+    return keras.Model(inputs, outputs, name=f"kws_{spec.cell}")

@@ -1,0 +1,110 @@
+"""Frame-by-frame inference with the recurrent state carried between calls: what a device runs.
+
+`Streamer` takes a float model of `build_model` or its fake-quant twin (`quantize_model`), i.e.
+[Normalization / Dropout] -> recurrent layers (LSTM, GRU, QLSTM, QGRU) -> head (Flatten, Dropout,
+Dense, ...), and runs it one frame at a time: each frame goes through the per-frame front and every
+recurrent layer's step from that layer's carried state (`QuantizedRNN.step`, or the Keras cell of a
+float layer). The head runs on what the last recurrent layer has produced so far: its whole output
+sequence (a Flatten head needs the clip's every frame) or its latest output. Over a clip this equals
+the whole-clip model (tests/test_streaming.py).
+
+    streamer = Streamer(qmodel)
+    streamer.reset(batch=1)
+    for frame in clip:                  # [F] features of one frame
+        h = streamer.push(frame[None])  # the top recurrent layer's output for this frame
+    probabilities = streamer.output()
+"""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from qat.errors import ConfigError
+from qat.layers.recurrent import QuantizedRNN
+
+FLOAT_RECURRENT = (keras.layers.LSTM, keras.layers.GRU)
+FRONT = (keras.layers.Normalization, keras.layers.Dropout)
+
+
+def _recurrent(layer) -> bool:
+    return isinstance(layer, QuantizedRNN) or type(layer) in FLOAT_RECURRENT
+
+
+class Streamer:
+    """A model run frame by frame (see the module doc)."""
+
+    def __init__(self, model):
+        layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+        i = 0
+        while i < len(layers) and isinstance(layers[i], FRONT):
+            i += 1
+        self.front = layers[:i]
+        j = i
+        while j < len(layers) and _recurrent(layers[j]):
+            j += 1
+        self.recurrent, self.head = layers[i:j], layers[j:]
+        if not self.recurrent:
+            where = layers[i].name if i < len(layers) else "the end"
+            raise ConfigError(f"streaming needs [Normalization / Dropout] then recurrent layers (LSTM, GRU or their "
+                              f"quantized twins); model '{model.name}' has '{where}' there")
+        inner = [l.name for l in self.recurrent[:-1] if not l.return_sequences]
+        later = [l.name for l in self.head if _recurrent(l) or isinstance(l, keras.layers.Wrapper)]
+        if inner or later:
+            raise ConfigError(f"streaming needs one stack of recurrent layers, each but the last returning "
+                              f"sequences; model '{model.name}' has {inner + later}")
+        self.sequence_head = self.recurrent[-1].return_sequences
+        # calibrated quantized layers run the loop `call` runs (no pass-through selects)
+        self._gated = [not l.calibrated() if isinstance(l, QuantizedRNN) else None for l in self.recurrent]
+        self._frame = tf.function(self._frame_fn, reduce_retracing=True)
+        self.reset()
+
+    def reset(self, batch: int = 1) -> None:
+        """Start a new clip (zero states) for `batch` streams."""
+        self.states = tuple(self._initial(layer, batch) for layer in self.recurrent)
+        self.outputs: List[tf.Tensor] = []
+
+    @staticmethod
+    def _initial(layer, batch: int) -> tuple:
+        if isinstance(layer, QuantizedRNN):
+            return layer.initial_states(batch)
+        return tuple(tf.zeros((batch, size), layer.compute_dtype) for size in tf.nest.flatten(layer.cell.state_size))
+
+    def _frame_fn(self, frame, states):
+        h = frame
+        for layer in self.front:
+            h = layer(h[:, None, :], training=False)[:, 0]
+        new = []
+        for layer, state, gated in zip(self.recurrent, states, self._gated):
+            if isinstance(layer, QuantizedRNN):
+                h, state = layer.step(h, state, gated)
+            else:
+                h, state = layer.cell(h, list(state), training=False)
+                state = tuple(tf.nest.flatten(state))
+            new.append(state)
+        return h, tuple(new)
+
+    def push(self, frame) -> np.ndarray:
+        """One frame [batch, features]: the top recurrent layer's output for it [batch, units]."""
+        h, self.states = self._frame(tf.convert_to_tensor(frame, tf.float32), self.states)
+        self.outputs.append(h)
+        return h.numpy()
+
+    def output(self) -> np.ndarray:
+        """The model's output for the frames pushed since `reset`."""
+        if not self.outputs:
+            raise ConfigError("streaming output before any frame: push at least one frame after reset()")
+        h = tf.stack(self.outputs, axis=1) if self.sequence_head else self.outputs[-1]
+        for layer in self.head:
+            h = layer(h, training=False)
+        return h.numpy()
+
+    def run(self, clips: np.ndarray) -> np.ndarray:
+        """Whole clips [batch, frames, features] streamed frame by frame: the model's outputs."""
+        clips = np.asarray(clips, np.float32)
+        self.reset(len(clips))
+        for t in range(clips.shape[1]):
+            self.push(clips[:, t])
+        return self.output()
