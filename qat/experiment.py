@@ -48,6 +48,9 @@ class RunSpec:
     cache_dir: Optional[str]
     verbose: int
 
+    def __post_init__(self):
+        self.recipe.recipe.check_model(self.model)       # rules across the recipe and the model
+
     def float_key(self, features_key: str) -> str:
         """What determines the float model: features, model, trainer (but not reuse) and seed."""
         trainer = asdict(self.trainer)

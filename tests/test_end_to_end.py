@@ -171,3 +171,21 @@ def test_gru_model_with_qat_then_ptq_on_its_saved_run(speech_commands_root, tmp_
     at3 = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert at3["quant/levels_ok"] and at3["float/test_acc"] == s["float/test_acc"]
     assert isinstance(at3["predict/degradation"], float) and "predict/unsupported" not in at3
+
+
+def test_bidirectional_lstm_with_qat_then_ptq_on_its_saved_run(speech_commands_root, tmp_path):
+    """model=bilstm: both directions quantized at W3/A8/S8 by QAT with a packed file that reproduces
+    the model; PTQ (search, GPTQ, bias correction, refinement) on the saved run; the predictor says
+    it cannot follow a Bidirectional."""
+    proc = run("train.py", *small(tmp_path, "bi"), "model=bilstm", "quant=qat", "bits=3", "act_bits=8",
+               "state_bits=8", "quant.act_epochs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "bi" / "summary.json").read_text())
+    assert s["qat/packed_matches"] and s["quant/levels_ok"] and s["quant/float_layers"] == ["normalize"]
+    assert {"quant/weights/forward_lstm/kernel/levels", "quant/weights/backward_lstm/kernel/levels"} <= set(s)
+    ev = run("evaluate.py", f"run_dir={tmp_path / 'bi'}", "quant=ptq", "bits=3", "quant.refine_epochs=1",
+             f"hydra.run.dir={tmp_path / 'eval'}")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    at3 = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert at3["quant/levels_ok"] and at3["predict/degradation"] is None
+    assert "Bidirectional" in at3["predict/unsupported"]

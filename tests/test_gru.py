@@ -167,8 +167,16 @@ def test_straight_through_and_learned_step_sizes_train():
         assert float(loss) < first
 
 
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("return_sequences", [True, False])
+def test_go_backwards_equals_keras_gru(reset_after, return_sequences):
+    x = _x(14)
+    gru = _float_gru(x, return_sequences, seed=14, go_backwards=True, reset_after=reset_after)
+    np.testing.assert_allclose(_twin(gru, x)(x).numpy(), gru(x).numpy(), atol=1e-6)
+
+
 def test_unsupported_gru_options_are_refused():
-    for kwargs in ({"go_backwards": True}, {"return_state": True}, {"stateful": True, "batch_input_shape": (B, T, F)}):
+    for kwargs in ({"return_state": True}, {"stateful": True, "batch_input_shape": (B, T, F)}):
         with pytest.raises(ConfigError, match="GRU layer"):
             QGRU.from_float(keras.layers.GRU(U, **kwargs), {})
 

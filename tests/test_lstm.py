@@ -229,12 +229,27 @@ def test_config_round_trip():
     assert clone.specs["kernel"] == QuantSpec(3, granularity="per_channel") and clone.strategy is LSQ
 
 
-@pytest.mark.parametrize("kwargs, match", [({"go_backwards": True}, "uses go_backwards"),
+@pytest.mark.parametrize("kwargs, match", [({"stateful": True, "batch_input_shape": (B, T, F)}, "uses stateful"),
                                            ({"kernel_regularizer": "l2"}, "uses kernel_regularizer"),
                                            ({"return_state": True}, "uses return_state")])
 def test_unsupported_lstm_features_are_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         QLSTM.from_float(keras.layers.LSTM(U, **kwargs), {})
+
+
+@pytest.mark.parametrize("return_sequences", [True, False])
+def test_go_backwards_equals_keras_lstm(return_sequences):
+    """go_backwards as Keras: the clip read last frame first, the sequence returned in that order."""
+    x = _x(13)
+    lstm = _float_lstm(x, return_sequences, seed=13, go_backwards=True)
+    q = _twin(lstm, x)
+    assert q.go_backwards
+    np.testing.assert_allclose(q(x).numpy(), lstm(x).numpy(), atol=1e-6)
+    spec = QuantSpec(8)
+    calibrated = _twin(lstm, x, gate=spec, state=spec)
+    values = calibrated.calibration_values(x)
+    forward = _twin(_float_lstm(x, return_sequences, seed=13), x).calibration_values(x[:, ::-1])
+    np.testing.assert_allclose(values["state_c"], forward["state_c"], atol=1e-6)   # reads the reversed clip
 
 
 def test_bad_spec_in_config_is_a_config_error():

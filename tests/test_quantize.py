@@ -93,8 +93,11 @@ def test_bad_quant_config_is_a_config_error(kwargs, match):
 
 def test_unsupported_layers_are_config_errors():
     inp = keras.Input(SHAPE)
-    model = keras.Model(inp, keras.layers.Bidirectional(keras.layers.LSTM(4), name="bi")(inp))
+    model = keras.Model(inp, keras.layers.Bidirectional(keras.layers.SimpleRNN(4), name="bi")(inp))
     with pytest.raises(ConfigError, match=r"layer 'bi' \(Bidirectional\) is not supported"):
+        quantize_model(model, QuantConfig(weights=QuantSpec(4)))
+    model = keras.Model(inp, keras.layers.SimpleRNN(4, name="rnn")(inp))
+    with pytest.raises(ConfigError, match=r"layer 'rnn' \(SimpleRNN\) is not supported"):
         quantize_model(model, QuantConfig(weights=QuantSpec(4)))
 
 

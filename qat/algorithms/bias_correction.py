@@ -8,13 +8,13 @@ import numpy as np
 import tf_keras as keras
 
 from qat.algorithms.calibration import batches
-from qat.layers.model import float_weight, quantized_weights
+from qat.layers.model import find_layer, float_weight, input_tap, output_taps, quantized_weights
 from qat.metrics import predict
 
 
 def layer_input_means(model, layer_names, x: np.ndarray) -> Dict[str, np.ndarray]:
     """Mean over clips (and time) of each named layer's input vector, in the float model."""
-    taps = keras.Model(model.inputs, [model.get_layer(n).input for n in layer_names])
+    taps = keras.Model(model.inputs, [input_tap(model, find_layer(model, n)) for n in layer_names])
     sums = {n: 0.0 for n in layer_names}
     counts = {n: 0 for n in layer_names}
     for batch in batches(x):
@@ -34,17 +34,22 @@ def bias_correct(float_model, qmodel, x_calib: np.ndarray) -> Dict[str, float]:
     gate's product, where it belongs). Returns the size of each correction (L2)."""
     q = quantized_weights(qmodel)
     layers = sorted({name.split("/")[0] for name in q if name.endswith("/kernel")})
-    layers = [n for n in layers if getattr(float_model.get_layer(n), "use_bias", False)]
+    layers = [n for n in layers if getattr(find_layer(float_model, n), "use_bias", False)]
     if not layers:
         return {}
     means = layer_input_means(float_model, layers, x_calib)
     h_means = {}
     recurrent = [n for n in layers if f"{n}/recurrent_kernel" in q]
-    if recurrent:
-        taps = keras.Model(float_model.inputs, [float_model.get_layer(n).output for n in recurrent])
-        outs = predict(taps, x_calib, batch_size=64)
-        outs = outs if isinstance(outs, list) else [outs]
-        h_means = {n: o.reshape(-1, o.shape[-1]).astype(np.float64).mean(0) for n, o in zip(recurrent, outs)}
+    for name in recurrent:          # the mean hidden state: the layer's own output sequence
+        layer = find_layer(float_model, name)
+        taps = output_taps(float_model, layer)
+        if len(taps) == 2:          # a top-level layer: its output in the model's graph
+            outs = predict(keras.Model(float_model.inputs, taps[1]), x_calib, batch_size=64)
+        else:                       # inside a Bidirectional: called on its input
+            tap = keras.Model(float_model.inputs, taps[0])
+            outs = np.concatenate([np.asarray(layer(tap(b, training=False), training=False))
+                                   for b in batches(x_calib)])
+        h_means[name] = outs.reshape(-1, outs.shape[-1]).astype(np.float64).mean(0)
     sizes = {}
     for name in layers:
         shift = means[name] @ (q[f"{name}/kernel"].values - float_weight(float_model, f"{name}/kernel"))
@@ -54,6 +59,6 @@ def bias_correct(float_model, qmodel, x_calib: np.ndarray) -> Dict[str, float]:
                                          - float_weight(float_model, f"{name}/recurrent_kernel"))
         bias = float_weight(float_model, f"{name}/bias")
         shift = np.stack([shift, rec_shift * np.ones_like(shift)]) if bias.ndim == 2 else shift + rec_shift
-        qmodel.get_layer(name).bias.assign(bias - shift.astype(np.float32))
+        find_layer(qmodel, name).bias.assign(bias - shift.astype(np.float32))
         sizes[name] = float(np.linalg.norm(shift))
     return sizes

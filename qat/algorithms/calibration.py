@@ -8,7 +8,7 @@ import numpy as np
 import tf_keras as keras
 
 from qat.errors import DataError
-from qat.layers.model import quantized_layers
+from qat.layers.model import input_tap, quantized_layers
 from qat.quant.reference import estimate_range
 
 
@@ -40,7 +40,7 @@ def calibrate(qmodel, batches: Iterable[np.ndarray]) -> None:
     for layer in layers:
         for q in layer.activation_quantizers.values():
             q.reset()
-    taps = keras.Model(qmodel.inputs, [layer.input for layer in layers])
+    taps = keras.Model(qmodel.inputs, [input_tap(qmodel, layer) for layer in layers])
     seen = {(layer.name, key): [] for layer in layers for key in layer.activation_quantizers}
     for batch in batches:
         xs = taps(np.asarray(batch, np.float32), training=False)

@@ -10,7 +10,7 @@ import numpy as np
 import tf_keras as keras
 
 from qat.algorithms.calibration import batches
-from qat.layers.model import quantized_layers
+from qat.layers.model import output_taps, quantized_layers
 
 
 def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
@@ -45,15 +45,19 @@ def gptq(float_model, qmodel, x_calib: np.ndarray, damp: float = 0.01) -> None:
     layer in model order; each layer's inputs come from `qmodel` with the layers before it already
     rounded, so later layers compensate earlier errors."""
     for layer in [l for l in quantized_layers(qmodel) if "kernel" in l.weight_quantizers]:
-        taps = keras.Model(qmodel.inputs, [layer.input, layer.output])
+        taps = keras.Model(qmodel.inputs, output_taps(qmodel, layer))
         recurrent = "recurrent_kernel" in layer.weight_quantizers
         hessian = 0.0
         for batch in batches(x_calib):
-            x, y = taps(batch, training=False)
-            rows = _rows(x)
+            outs = taps(batch, training=False)
+            x, *y = outs if isinstance(outs, list) else [outs]
             if recurrent:   # h_{t-1}: the layer's own output shifted one step, zeros at t = 0
-                h_prev = np.concatenate([np.zeros_like(y[:, :1]), np.asarray(y)[:, :-1]], axis=1)
-                rows = np.concatenate([rows, _rows(h_prev)], axis=1)
+                y = np.asarray(y[0] if y else layer(x, training=False))   # in the order the layer reads frames
+                x = x[:, ::-1] if layer.go_backwards else x
+                h_prev = np.concatenate([np.zeros_like(y[:, :1]), y[:, :-1]], axis=1)
+                rows = np.concatenate([_rows(x), _rows(h_prev)], axis=1)
+            else:
+                rows = _rows(x)
             hessian = hessian + rows.T @ rows
         names = ["kernel", "recurrent_kernel"] if recurrent else ["kernel"]
         weights = [getattr(layer, n).numpy() for n in names]

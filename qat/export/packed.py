@@ -12,7 +12,7 @@ import numpy as np
 
 from qat.errors import DataError
 from qat.io import atomic_path
-from qat.layers.model import quantized_layers, quantized_weights
+from qat.layers.model import leaf_layers, quantized_layers, quantized_weights
 
 MAGIC = b"QLSTMPK1"
 
@@ -128,7 +128,7 @@ def write_packed_model(qmodel, path: str) -> int:
     variable (float weights, normalisation statistics, quantizer ranges) as float32. Returns bytes."""
     quantized = quantized_weights(qmodel)
     skip = _stored_elsewhere(qmodel)
-    floats = {_variable_key(layer, v): v.numpy() for layer in qmodel.layers for v in layer.weights
+    floats = {_variable_key(layer, v): v.numpy() for layer in leaf_layers(qmodel) for v in layer.weights
               if id(v) not in skip}
     for layer in qmodel.layers:   # normalisation built from fixed statistics keeps them as constants
         if type(layer).__name__ == "Normalization" and not layer.weights:
@@ -147,7 +147,7 @@ def load_packed_model(qmodel, path: str) -> None:
         t = tensors[f"{layer.name}/{name}"]
         getattr(layer, name).assign(t.values)
         q.load_frozen(t.scale, t.zero_point)
-    for layer in qmodel.layers:
+    for layer in leaf_layers(qmodel):
         for v in layer.weights:
             if id(v) not in skip:
                 v.assign(tensors[_variable_key(layer, v)])

@@ -20,7 +20,7 @@ Quantization points, each optional with its own QuantSpec:
 The weights are fake-quantized once per call, outside the time loop (qat.layers.recurrent); z and r
 are quantized as one op per step, then the candidate (it uses the quantized r). The step splits its
 products with `tf.split` (strided slices and their gradients made the loop 1.5x slower) and computes
-h_new = n + z (h - n), one op fewer than z h + (1 - z) n. Not supported: stateful, go_backwards, return_state,
+h_new = n + z (h - n), one op fewer than z h + (1 - z) n. Not supported: stateful, return_state,
 time_major, regularizers and constraints (ConfigError in `from_float`), masking.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ Speed: the weights are fake-quantized once per call, outside the time loop
 are single fused ops (qat.quant.ops.fused_fake_quant), and quantized fixed-range gates come from
 one sigmoid: tanh(z) = 2 sigmoid(2z) - 1, with the c-gate weight columns doubled exactly before the
 loop and the affine map folded into the gates' fake-quant (3 ops per step instead of 7).
-Not supported: stateful, go_backwards, return_state, time_major, regularizers and constraints
+Not supported: stateful, return_state, time_major, regularizers and constraints
 (ConfigError in `from_float`), and masking (Keras refuses a mask sent to this layer).
 """
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Whole-model quantization: which tensors of a model are quantized (`QuantConfig`), the fake-quant twin
 of a float model (`quantize_model`), freezing its ranges, and its quantized weights as integer codes.
 
-`quantize_model` swaps every `LSTM` for QLSTM, every `GRU` for QGRU and every `Dense` for QDense (same names, float
-weights copied, weight ranges fitted with each spec's estimator) and copies all other layers as they
-are. The twin trains with `model.fit` (straight-through gradients) and saves / loads as .keras.
+`quantize_model` swaps every `LSTM` for QLSTM, every `GRU` for QGRU (also inside `Bidirectional`, both
+directions, any merge mode) and every `Dense` for QDense (same names, float weights copied, weight
+ranges fitted with each spec's estimator) and copies all other layers as they are. The layers of a
+Bidirectional are addressed by their own names (`forward_lstm`, `backward_lstm`): `leaf_layers`. The twin trains with `model.fit` (straight-through gradients) and saves / loads as .keras.
 Activation ranges come from calibration (qat.algorithms.calibration); before it the activation
 quantizers pass data through.
 """
@@ -81,6 +82,42 @@ class QuantizedTensor:
     values: np.ndarray       # float32 dequantized weight = scale * (codes - zero_point), as the model uses it
 
 
+def leaf_layers(model) -> list:
+    """The model's layers in order, each Bidirectional replaced by its forward and backward layers."""
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Bidirectional):
+            out += [layer.forward_layer, layer.backward_layer]
+        else:
+            out.append(layer)
+    return out
+
+
+def find_layer(model, name: str):
+    """A layer of `leaf_layers(model)` by name."""
+    for layer in leaf_layers(model):
+        if layer.name == name:
+            return layer
+    raise ConfigError(f"layer {name!r} is not in model '{model.name}': expected one of "
+                      f"{[l.name for l in leaf_layers(model)]}")
+
+
+def input_tap(model, layer):
+    """The symbolic tensor that feeds `layer` (a leaf layer) in `model`: its own input, or the input of
+    the Bidirectional that holds it."""
+    for top in model.layers:
+        if top is layer or (isinstance(top, keras.layers.Bidirectional)
+                            and layer in (top.forward_layer, top.backward_layer)):
+            return top.input
+    raise ConfigError(f"layer {layer.name!r} is not in model '{model.name}'")
+
+
+def output_taps(model, layer) -> list:
+    """[the symbolic input of `layer`, its symbolic output] for a top-level layer; [the input] for a
+    layer inside a Bidirectional (it has no output in the model's graph: call it on its input)."""
+    return [input_tap(model, layer)] + ([layer.output] if any(top is layer for top in model.layers) else [])
+
+
 def _weight_names(layer) -> List[str]:
     if isinstance(layer, (*RECURRENT, QuantizedRNN)):
         names = ["kernel", "recurrent_kernel"] + (["bias"] if layer.use_bias else [])
@@ -94,13 +131,13 @@ def _weight_names(layer) -> List[str]:
 def weight_tensor_names(model) -> List[str]:
     """Names of the quantizable weight tensors ("<layer>/<weight>"), in layer order; the keys of
     QuantConfig.overrides and of `quantized_weights`."""
-    return [n for layer in model.layers for n in _weight_names(layer)]
+    return [n for layer in leaf_layers(model) for n in _weight_names(layer)]
 
 
 def float_weight(model, name: str) -> np.ndarray:
     """A float model's weight by its "<layer>/<weight>" name."""
     layer, weight = name.split("/")
-    return getattr(float_source(model.get_layer(layer)), weight).numpy()
+    return getattr(float_source(find_layer(model, layer)), weight).numpy()
 
 
 def _layer_specs(layer, cfg: QuantConfig) -> dict:
@@ -114,14 +151,27 @@ def _layer_specs(layer, cfg: QuantConfig) -> dict:
     return specs
 
 
+def _twin(layer, cfg: QuantConfig, name: str):
+    twin = RECURRENT[type(layer)].from_float(layer, _layer_specs(layer, cfg), cfg.strategy)
+    twin._name = name
+    return twin
+
+
 def _clone(layer, cfg: QuantConfig):
     if type(layer) in RECURRENT:
         return RECURRENT[type(layer)].from_float(layer, _layer_specs(layer, cfg), cfg.strategy)
+    if type(layer) is keras.layers.Bidirectional and type(layer.forward_layer) in RECURRENT:
+        # Bidirectional names its layers forward_<name> / backward_<name> itself
+        fw, bw = layer.forward_layer, layer.backward_layer
+        return keras.layers.Bidirectional(_twin(fw, cfg, fw.name[len("forward_"):]),
+                                          backward_layer=_twin(bw, cfg, bw.name[len("backward_"):]),
+                                          merge_mode=layer.merge_mode, name=layer.name)
     if type(layer) is keras.layers.Dense:
         return QDense.from_float(layer, _layer_specs(layer, cfg), cfg.strategy)
     if isinstance(layer, (keras.layers.RNN, keras.layers.Wrapper)):
         raise ConfigError(f"layer '{layer.name}' ({type(layer).__name__}) is not supported by quantize_model: "
-                          "expected plain LSTM, GRU and Dense layers (other layers are copied as float)")
+                          "expected plain LSTM, GRU (also in Bidirectional) and Dense layers (other layers are "
+                          "copied as float)")
     return layer.__class__.from_config(layer.get_config())
 
 
@@ -136,8 +186,8 @@ def quantize_model(float_model, cfg: QuantConfig):
     if unknown:
         raise ConfigError(f"override name(s) {unknown} are not allowed: expected names among {valid}")
     qmodel = keras.models.clone_model(float_model, clone_function=lambda layer: _clone(layer, cfg))
-    for layer in float_model.layers:
-        twin = qmodel.get_layer(layer.name)
+    for layer in leaf_layers(float_model):
+        twin = find_layer(qmodel, layer.name)
         if isinstance(twin, QuantizedLayer):
             twin.copy_float_weights(layer)
         elif layer.weights:
@@ -146,13 +196,13 @@ def quantize_model(float_model, cfg: QuantConfig):
 
 
 def quantized_layers(qmodel) -> List[QuantizedLayer]:
-    return [layer for layer in qmodel.layers if isinstance(layer, QuantizedLayer)]
+    return [layer for layer in leaf_layers(qmodel) if isinstance(layer, QuantizedLayer)]
 
 
 def float_layers(qmodel) -> List[str]:
     """Names of the layers of a twin that compute with parameters in float: not quantized layers that
     hold weights (e.g. a convolution), and normalisation (its statistics are float constants)."""
-    return [layer.name for layer in qmodel.layers if not isinstance(layer, QuantizedLayer)
+    return [layer.name for layer in leaf_layers(qmodel) if not isinstance(layer, QuantizedLayer)
             and (layer.weights or isinstance(layer, keras.layers.Normalization))]
 
 

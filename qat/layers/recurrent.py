@@ -68,7 +68,8 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
     float_type: type = keras.layers.RNN      # the Keras layer this one replaces
 
     def __init__(self, units: int, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
-                 return_sequences: bool = False, dropout: float = 0.0, recurrent_dropout: float = 0.0,
+                 return_sequences: bool = False, go_backwards: bool = False, dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0,
                  kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal",
                  bias_initializer="zeros", kernel_quant: Optional[QuantSpec] = None,
                  recurrent_kernel_quant: Optional[QuantSpec] = None, bias_quant: Optional[QuantSpec] = None,
@@ -79,6 +80,9 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
         self.activation = keras.activations.get(activation)
         self.recurrent_activation = keras.activations.get(recurrent_activation)
         self.use_bias, self.return_sequences = bool(use_bias), bool(return_sequences)
+        # go_backwards as Keras: the clip is read last frame first and the sequence returned in that
+        # order (what Bidirectional's backward layer needs); no state between calls, no state outputs
+        self.go_backwards, self.stateful, self.return_state = bool(go_backwards), False, False
         self.dropout, self.recurrent_dropout = float(dropout), float(recurrent_dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.recurrent_initializer = keras.initializers.get(recurrent_initializer)
@@ -131,7 +135,7 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
         if training and self.dropout > 0:
             # As Keras' fused recurrent kernels: a fresh mask for every time step, not one per sequence.
             x = tf.nn.dropout(x, rate=self.dropout)
-        x = tf.transpose(x, [1, 0, 2])
+        x = self._time_major(x)
         rec_mask = None
         if training and self.recurrent_dropout > 0:
             rec_mask = tf.nn.dropout(tf.ones((tf.shape(x)[1], self.units), x.dtype), rate=self.recurrent_dropout)
@@ -147,6 +151,11 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
         else:
             (hs,) = loop(False)
         return tf.transpose(hs, [1, 0, 2]) if self.return_sequences else hs[-1]
+
+    def _time_major(self, x):
+        """[B, T, F] -> [T, B, F], in the order the layer reads the frames."""
+        x = tf.transpose(x, [1, 0, 2])
+        return tf.reverse(x, [0]) if self.go_backwards else x
 
     def _loop_quantizers(self):
         """The quantizers inside the time loop: their kinds (sorted pairs; they key the traced loop)
@@ -183,7 +192,7 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
 
     def calibration_values(self, inputs) -> dict:
         inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
-        out = self._traced_intermediates(tf.transpose(inputs, [1, 0, 2]), *self._weights(), self._cell((), False))
+        out = self._traced_intermediates(self._time_major(inputs), *self._weights(), self._cell((), False))
         return {"input": inputs, **dict(zip(self.state_names + self.gate_names, out))}
 
     def compute_output_shape(self, input_shape):
@@ -197,7 +206,8 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
         config.update(
             units=self.units, activation=keras.activations.serialize(self.activation),
             recurrent_activation=keras.activations.serialize(self.recurrent_activation),
-            use_bias=self.use_bias, return_sequences=self.return_sequences, dropout=self.dropout,
+            use_bias=self.use_bias, return_sequences=self.return_sequences, go_backwards=self.go_backwards,
+            dropout=self.dropout,
             recurrent_dropout=self.recurrent_dropout,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             recurrent_initializer=keras.initializers.serialize(self.recurrent_initializer),
@@ -213,8 +223,8 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
     def from_float(cls, layer, specs: dict, quantizer="range"):
         """An unbuilt quantized layer configured like the float Keras layer `layer` (same name).
         `specs` maps kernel/recurrent_kernel/bias/input/gate/state to a QuantSpec or None."""
-        unsupported = {"stateful": layer.stateful, "go_backwards": layer.go_backwards,
-                       "return_state": layer.return_state, "time_major": layer.time_major}
+        unsupported = {"stateful": layer.stateful, "return_state": layer.return_state,
+                       "time_major": layer.time_major}
         cell = layer.cell
         unsupported.update({f"{n}": getattr(cell, n) is not None for n in (
             "kernel_regularizer", "recurrent_regularizer", "bias_regularizer", "kernel_constraint",
@@ -224,9 +234,10 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
         kind = cls.float_type.__name__
         if bad:
             raise ConfigError(f"{kind} layer '{layer.name}' uses {', '.join(bad)}, which quantization does not "
-                              f"support: expected a plain {kind} (return_sequences and dropout are fine)")
+                              f"support: expected a plain {kind} (return_sequences, go_backwards and dropout are fine)")
         return cls(layer.units, activation=cell.activation, recurrent_activation=cell.recurrent_activation,
-                   use_bias=cell.use_bias, return_sequences=layer.return_sequences, dropout=cell.dropout,
+                   use_bias=cell.use_bias, return_sequences=layer.return_sequences,
+                   go_backwards=layer.go_backwards, dropout=cell.dropout,
                    recurrent_dropout=cell.recurrent_dropout, quantizer=quantizer, name=layer.name,
                    **cls._float_options(layer),
                    **{f"{key}_quant": specs.get(key) for key in ("kernel", "recurrent_kernel", "bias", "input",

@@ -38,6 +38,10 @@ class Streamer:
 
     def __init__(self, model):
         layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+        backwards = [l.name for l in layers if isinstance(l, keras.layers.Bidirectional) or getattr(l, "go_backwards", False)]
+        if backwards:
+            raise ConfigError(f"streaming cannot run {backwards} of model '{model.name}': a layer that reads the "
+                              "clip backwards needs the whole clip before its first output")
         i = 0
         while i < len(layers) and isinstance(layers[i], FRONT):
             i += 1

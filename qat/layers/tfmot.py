@@ -129,6 +129,9 @@ def tfmot_quantize(float_model, bits: int, act_bits: Optional[int] = None, per_c
                   narrow_range=narrow_range)
 
     def annotate(layer):
+        if isinstance(layer, keras.layers.Wrapper):
+            raise ConfigError(f"layer '{layer.name}' ({type(layer).__name__}) cannot be quantized through tfmot: "
+                              "it has no QuantizeConfig for wrappers (use quant=qat)")
         if type(layer) in RECURRENT_CONFIGS:
             return _tq.quantize_annotate_layer(layer, RECURRENT_CONFIGS[type(layer)](**kwargs))
         if type(layer) is keras.layers.Dense:

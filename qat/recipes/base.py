@@ -24,6 +24,7 @@ from qat.quant.quantizers import RANGE, Strategy
 from qat.quant.spec import ESTIMATOR, GRANULARITY, PERCENTILE, SCHEME, QuantSpec
 from qat.tracking import Tracker
 from qat.training.fit import TrainSpec
+from qat.training.models import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,9 @@ class Recipe:
         their QuantConfig here, so every QuantSpec rule applies before any data is read."""
         if isinstance(options, QuantOptions):
             options.quant_config(bits)
+
+    def check_model(self, model: ModelSpec) -> None:
+        """Rules on the model the recipe will get (ConfigError), checked before any data is read."""
 
     def run(self, ctx: RecipeContext, options) -> RecipeResult:
         raise NotImplementedError

@@ -26,7 +26,7 @@ from qat.algorithms.report import REPORT_COLUMNS, report_rows, report_summary, w
 from qat.checks import Bits, Flag, Integer, ListOf, Nullable, Number, rejected, setting
 from qat.data.augment import training_data
 from qat.export.packed import load_packed_model, write_packed_model
-from qat.layers.model import QuantConfig, freeze_ranges, quantize_model
+from qat.layers.model import QuantConfig, find_layer, freeze_ranges, leaf_layers, quantize_model
 from qat.metrics import predict_classes
 from qat.quant.quantizers import LSQ, RANGE, Strategy
 from qat.recipes.base import BitWidths, QuantOptions, Recipe, RecipeContext, RecipeResult, register
@@ -80,9 +80,9 @@ class FreezeRangesAfter(keras.callbacks.Callback):
 
 def copy_shadow_weights(src, dst) -> None:
     """Carry the float (shadow) weights of one fake-quant model into another of the same layout."""
-    for layer in src.layers:
+    for layer in leaf_layers(src):
         for name in ("kernel", "recurrent_kernel", "bias"):
-            a, b = getattr(layer, name, None), getattr(dst.get_layer(layer.name), name, None)
+            a, b = getattr(layer, name, None), getattr(find_layer(dst, layer.name), name, None)
             if a is not None and b is not None and hasattr(b, "assign"):
                 b.assign(a)
 

@@ -15,6 +15,7 @@ from qat.layers.tfmot import tfmot_quantize
 from qat.recipes.base import BitWidths, Recipe, RecipeContext, RecipeResult, register
 from qat.recipes.qat import QatOptions
 from qat.training.fit import fit, set_seed
+from qat.training.models import ModelSpec
 
 
 class QatTfmot(Recipe):
@@ -28,6 +29,11 @@ class QatTfmot(Recipe):
             if value is not None:
                 raise ConfigError(f"{name}={value} is not allowed with quant.method={self.name}: tfmot cannot do it "
                                   "(use quant=qat or quant=qat_lsq)")
+
+    def check_model(self, model: ModelSpec) -> None:
+        if model.bidirectional:
+            raise ConfigError(f"model.bidirectional=true is not allowed with quant.method={self.name}: tfmot has no "
+                              "QuantizeConfig for Bidirectional (use quant=qat or quant=qat_lsq)")
 
     def run(self, ctx: RecipeContext, opts: QatOptions) -> RecipeResult:
         model, feats, bits = ctx.float_model, ctx.feats, ctx.bits

@@ -1,5 +1,5 @@
-"""The keyword-spotting model: [Normalization] -> LSTM or GRU (units) x layers -> Flatten -> Dense(softmax);
-the study's is one LSTM(80)."""
+"""The keyword-spotting model: [Normalization] -> LSTM or GRU (units), optionally Bidirectional, x layers
+-> Flatten -> Dense(softmax); the study's is one LSTM(80)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tf_keras as keras
 
-from qat.checks import Checked, Integer, Number, OneOf, setting
+from qat.checks import Checked, Flag, Integer, Number, OneOf, setting
 
 # model.cell -> the Keras recurrent layer
 CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
@@ -21,6 +21,7 @@ class ModelSpec(Checked):
     section = "model"
 
     cell: str = setting(OneOf(tuple(CELLS)))                          # the recurrent layer type
+    bidirectional: bool = setting(Flag())                             # each recurrent layer both ways, concatenated
 
     units: int = setting(Integer(1))
     layers: int = setting(Integer(1))
@@ -35,7 +36,8 @@ def build_model(input_shape: Sequence[int], n_classes: int, spec: ModelSpec,
     saved with the model and travel to evaluation and export.
 
     Layer names are a contract used by quantization: "<cell>", "<cell>_1", ... (e.g. "lstm", "gru_1"),
-    "flatten", "dense".
+    "flatten", "dense"; with `bidirectional` the wrappers are "bi<cell>", "bi<cell>_1", ... and their
+    layers "forward_<cell>", "backward_<cell>", ...
     """
     inputs = keras.Input(shape=tuple(input_shape), name="features")
     x = inputs
@@ -43,11 +45,12 @@ def build_model(input_shape: Sequence[int], n_classes: int, spec: ModelSpec,
         x = keras.layers.Normalization(axis=-1, mean=np.asarray(norm_mean), variance=np.asarray(norm_var),
                                        name="normalize")(x)
     for i in range(spec.layers):
-        x = CELLS[spec.cell](spec.units, return_sequences=True, dropout=spec.dropout,
-                             recurrent_dropout=spec.recurrent_dropout,
-                             name=spec.cell if i == 0 else f"{spec.cell}_{i}")(x)
+        name = spec.cell if i == 0 else f"{spec.cell}_{i}"
+        layer = CELLS[spec.cell](spec.units, return_sequences=True, dropout=spec.dropout,
+                                 recurrent_dropout=spec.recurrent_dropout, name=name)
+        x = (keras.layers.Bidirectional(layer, name=f"bi{name}") if spec.bidirectional else layer)(x)
     x = keras.layers.Flatten(name="flatten")(x)
     if spec.dropout > 0:
         x = keras.layers.Dropout(spec.dropout, name="dropout")(x)
     outputs = keras.layers.Dense(n_classes, activation="softmax", name="dense")(x)
-    return keras.Model(inputs, outputs, name=f"kws_{spec.cell}")
+    return keras.Model(inputs, outputs, name=f"kws_{'bi' if spec.bidirectional else ''}{spec.cell}")
