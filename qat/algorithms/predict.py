@@ -48,7 +48,7 @@ from scipy.special import ndtr
 from qat.algorithms.calibration import calibration_indices
 from qat.checks import Bits, Checked, Integer, ListOf, Nullable, Number, OneOf, rejected, setting
 from qat.errors import ConfigError, DataError
-from qat.layers.model import QuantConfig, freeze_ranges, quantize_model, weight_tensor_names
+from qat.layers.model import RECURRENT, QuantConfig, freeze_ranges, quantize_model, weight_tensor_names
 from qat.metrics import predict_classes
 from qat.quant.reference import fake_quant_np
 from qat.quant.spec import ESTIMATOR, GRANULARITY, SCHEME, QuantSpec
@@ -126,7 +126,7 @@ def _check_layers(model) -> list:
     follow."""
     layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     for idx, layer in enumerate(layers):
-        if type(layer) in (keras.layers.LSTM, keras.layers.GRU):
+        if type(layer) in RECURRENT:
             if layer.go_backwards or layer.stateful or layer.time_major or not layer.cell.use_bias:
                 raise UnsupportedModel(f"predict supports plain {type(layer).__name__} layers with a bias; "
                                        f"'{layer.name}' is not one")

@@ -23,14 +23,14 @@ import tensorflow as tf
 import tf_keras as keras
 
 from qat.errors import ConfigError
+from qat.layers.model import RECURRENT
 from qat.layers.recurrent import QuantizedRNN
 
-FLOAT_RECURRENT = (keras.layers.LSTM, keras.layers.GRU)
 FRONT = (keras.layers.Normalization, keras.layers.Dropout)
 
 
 def _recurrent(layer) -> bool:
-    return isinstance(layer, QuantizedRNN) or type(layer) in FLOAT_RECURRENT
+    return isinstance(layer, QuantizedRNN) or type(layer) in RECURRENT
 
 
 class Streamer:
