@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from typing import Any, ClassVar, Mapping, Optional, Sequence, Type, TypeVar
 
 from qat.errors import ConfigError
@@ -125,6 +126,18 @@ class Text(Rule):
 
     def ok(self, value):
         return isinstance(value, str)
+
+
+class ExistingFile(Rule):
+    """The path of an existing file whose name ends with one of `suffixes`."""
+
+    def __init__(self, suffixes: Sequence[str], what: str):
+        self.suffixes = tuple(suffixes)
+        self.expected = f"the path of an existing {what} file ({' or '.join(self.suffixes)})"
+
+    def ok(self, value):
+        return (isinstance(value, str) and value.lower().endswith(self.suffixes)
+                and os.path.isfile(os.path.expanduser(value)))
 
 
 class Scalar(Rule):

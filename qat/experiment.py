@@ -21,12 +21,17 @@ from qat.data.datasets import DataSpec
 from qat.data.features import Features, FeatureSpec, load_features, normalization_stats
 from qat.errors import ConfigError, DataError
 from qat.io import make_dirs, write_json
+from qat.layers.fold import fold_batch_norms
+from qat.layers.model import check_quantizable
 from qat.metrics import evaluate, plot_confusion
 from qat.recipes.base import RecipeContext, RecipeSpec
 from qat.tracking import Tracker
-from qat.training.checkpoints import INFO_FILE, MODEL_FILE, cached_float_model, digest, load_model_dir, save_model_dir
+from qat.training.checkpoints import (INFO_FILE, MODEL_FILE, cached_float_model, digest, file_digest, load_model_dir,
+                                      save_model_dir)
 from qat.training.fit import TrainSpec, fit, set_seed
-from qat.training.models import ModelSpec, build_model
+from qat.training.models import ModelSpec, build_model, check_user_model, fresh_copy, load_user_model
+
+QUANTIZING_METHODS = ("ptq", "qat")   # recipes that quantize the model with qat.layers (the others convert it)
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +60,36 @@ class RunSpec:
         """What determines the float model: features, model, trainer (but not reuse) and seed."""
         trainer = asdict(self.trainer)
         trainer.pop("reuse_float")
-        return digest({"features": features_key, "model": asdict(self.model), "trainer": trainer,
+        model = asdict(self.model)
+        model.pop("keep_float")
+        if self.model.path:
+            model["file"] = file_digest(self.model.path)
+        return digest({"features": features_key, "model": model, "trainer": trainer,
                        "normalize": self.features.normalize, "seed": self.seed})
 
 
-def train_float(spec: RunSpec, feats: Features, tracker: Tracker):
-    """Build and train the float model from scratch with the run's seed."""
+def user_model(spec: RunSpec):
+    """The user's saved model (`model.path`), or None; for a quantizing recipe, a one-line error
+    before any data is read if it holds a layer that cannot be quantized (unless model.keep_float)."""
+    if spec.model.path is None:
+        return None
+    model = load_user_model(spec.model.path)
+    if spec.recipe.method in QUANTIZING_METHODS:
+        check_quantizable(fold_batch_norms(model)[0], spec.model.keep_float)
+    return model
+
+
+def train_float(spec: RunSpec, feats: Features, tracker: Tracker, user=None):
+    """Build (or copy the user's model `user` with fresh weights) and train the float model from
+    scratch with the run's seed."""
     set_seed(spec.seed)
-    mean = var = None
-    if spec.features.normalize:
-        mean, var = normalization_stats(feats.x["train"])
-    model = build_model(feats.input_shape, len(feats.class_names), spec.model, mean, var)
+    if user is not None:
+        model = fresh_copy(user)
+    else:
+        mean = var = None
+        if spec.features.normalize:
+            mean, var = normalization_stats(feats.x["train"])
+        model = build_model(feats.input_shape, len(feats.class_names), spec.model, mean, var)
     train_data, steps, aug = training_data(spec.data, spec.features, spec.trainer, feats, spec.seed)
     start = time.perf_counter()
     result = fit(model, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], spec.trainer,
@@ -77,12 +101,17 @@ def train_float(spec: RunSpec, feats: Features, tracker: Tracker):
     return model, result
 
 
-def float_model(spec: RunSpec, feats: Features, run_dir: Path, tracker: Tracker):
-    """The float model of this data/model/trainer/seed: reused from the cache or trained, and saved
-    into the run directory either way. Returns (model, info, reused)."""
+def float_model(spec: RunSpec, feats: Features, run_dir: Path, tracker: Tracker, user=None):
+    """The float model of this data/model/trainer/seed: reused from the cache or trained (or the
+    user's trained model as it is, `model.trained`), and saved into the run directory either way.
+    Returns (model, info, reused)."""
     key = spec.float_key(feats.key)
-    model, info, reused = cached_float_model(spec.cache_dir, key, lambda: train_float(spec, feats, tracker),
-                                             reuse=spec.trainer.reuse_float)
+    if user is not None and spec.model.trained:
+        model, info, reused = user, {"epochs": 0, "best_epoch": 0, "sec_per_epoch": None,
+                                     "source": os.path.abspath(spec.model.path)}, True
+    else:
+        model, info, reused = cached_float_model(spec.cache_dir, key, lambda: train_float(spec, feats, tracker, user),
+                                                 reuse=spec.trainer.reuse_float)
     info = {**info, "key": key}
     save_model_dir(model, info, run_dir / FLOAT_DIR)
     return model, info, reused
@@ -96,7 +125,8 @@ def log_artifacts(spec: RunSpec, summary: Dict[str, Any], exports: Dict[str, Pat
     key = summary["float/key"]
     what = {"data": spec.data.name, "task": spec.data.task_name, "seed": spec.seed,
             "features": f"{spec.features.mel_bins or spec.features.fft_length // 2 + 1} bins", "units": spec.model.units,
-            "layers": spec.model.layers, "float/test_acc": summary["float/test_acc"],
+            "layers": spec.model.layers, "cell": spec.model.cell, "bidirectional": spec.model.bidirectional,
+            "conv_filters": spec.model.conv_filters, "model_path": spec.model.path, "float/test_acc": summary["float/test_acc"],
             "float/params": summary["float/params"], "float/size_bytes": summary["float/size_bytes"]}
     tracker.artifact(f"float-{key}", "model", sorted(str(p) for p in float_dir.iterdir()), what,
                      use=summary["float/reused"])
@@ -134,15 +164,19 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
     `float_from`: the folder of an earlier run whose float model is used as it is (evaluate.py);
     otherwise the float model comes from the cache or is trained.
     """
-    run_dir = make_dirs(Path(run_dir))
     t0 = time.perf_counter()
+    user = user_model(spec) if float_from is None else None
+    run_dir = make_dirs(Path(run_dir))
     feats = load_features(spec.data, spec.features, spec.cache_dir)
     t_features = time.perf_counter() - t0
+    if user is not None:
+        check_user_model(user, spec.model.path, feats.input_shape, len(feats.class_names))
     if float_from is not None:
         model, info = load_saved_float_model(float_from)
         reused = True
     else:
-        model, info, reused = float_model(spec, feats, run_dir, tracker)
+        model, info, reused = float_model(spec, feats, run_dir, tracker, user)
+    model, folded = fold_batch_norms(model)   # the float model every recipe starts from
     bits = spec.recipe.bits
     summary: Dict[str, Any] = {
         "preset": spec.recipe.preset, "method": spec.recipe.method, "bits": bits.bits, "act_bits": bits.act_bits,
@@ -154,7 +188,8 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
         "float/reused": reused, "float/key": info.get("key"), "float/epochs": info["epochs"],
         "float/best_epoch": info["best_epoch"],
         "float/sec_per_epoch": info["sec_per_epoch"], "float/params": int(model.count_params()),
-        "float/size_bytes": float_size_bytes(model), "time/features_s": t_features,
+        "float/size_bytes": float_size_bytes(model), "float/folded_batch_norms": folded,
+        "time/features_s": t_features,
     }
     summary.update(spec.recipe.option_values())
     summary.update(evaluate_model(model, feats, "float", run_dir))
@@ -171,6 +206,8 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
         quant = evaluate_model(result.model, feats, "quant", run_dir)
     summary.update(quant)
     summary.setdefault("quant/size_bytes", summary["float/size_bytes"])
+    # the physical limit: every parameter at `bits` bits, nothing else
+    summary["quant/size_limit_bytes"] = -(-summary["float/params"] * bits.bits // 8)
     summary["quant/degradation"] = 100.0 * (summary["float/test_acc"] - summary["quant/test_acc"])
     summary["quant/balanced_degradation"] = 100.0 * (summary["float/test_balanced_acc"]
                                                      - summary["quant/test_balanced_acc"])

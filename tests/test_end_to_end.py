@@ -189,3 +189,82 @@ def test_bidirectional_lstm_with_qat_then_ptq_on_its_saved_run(speech_commands_r
     at3 = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert at3["quant/levels_ok"] and at3["predict/degradation"] is None
     assert "Bidirectional" in at3["predict/unsupported"]
+
+
+def test_crnn_with_qat_then_ptq_on_its_saved_run(speech_commands_root, tmp_path):
+    """model=crnn: Conv2D -> BN -> ReLU -> GRU trains; its BN is folded into the convolution, QAT at
+    W3/A8/S8 quantizes the convolution too and exports a packed file that reproduces the model; PTQ runs
+    on the saved run, with a predicted degradation through the conv front end."""
+    proc = run("train.py", *small(tmp_path, "crnn"), "model=crnn", "model.conv_filters=4", "quant=qat", "bits=3",
+               "act_bits=8", "state_bits=8", "quant.act_epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "crnn" / "summary.json").read_text())
+    assert s["float/folded_batch_norms"] == ["conv2d_bn"] and s["quant/float_layers"] == ["normalize"]
+    assert s["qat/packed_matches"] and s["quant/levels_ok"] and s["quant/weights/conv2d/kernel/levels"] <= 8
+    ev = run("evaluate.py", f"run_dir={tmp_path / 'crnn'}", "quant=ptq", "bits=4", "quant.refine_epochs=1",
+             f"hydra.run.dir={tmp_path / 'eval'}")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    at4 = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert at4["quant/levels_ok"] and at4["float/test_acc"] == s["float/test_acc"]
+    assert "quant/bias_correction/conv2d" in at4 and isinstance(at4["predict/degradation"], float)
+
+
+USER_MODEL = """
+import os, sys
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import tf_keras as keras
+inputs = keras.Input((49, 40))
+h = keras.layers.Conv1D(8, 3, use_bias=False, name="conv")(inputs)
+h = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(h))
+if sys.argv[2] == "layer_norm":
+    h = keras.layers.LayerNormalization(name="ln")(h)
+h = keras.layers.GRU(12, name="gru")(h)
+outputs = keras.layers.Dense(5 if sys.argv[2] == "five" else 3, activation="softmax", name="out")(h)
+keras.Model(inputs, outputs, name="mine").save(sys.argv[1])
+"""
+
+
+def _user_model(tmp_path, kind):
+    path = tmp_path / f"{kind}.keras"
+    subprocess.run([sys.executable, "-c", USER_MODEL, str(path), kind], check=True, capture_output=True)
+    return path
+
+
+def test_a_users_saved_model_is_trained_or_taken_as_it_is(speech_commands_root, tmp_path):
+    """model=keras: the user's Conv1D -> BN -> GRU(last state) -> Dense is trained here and quantized by
+    PTQ (BN folded, every layer quantized); with model.trained=true its own weights are the float
+    model and QAT runs on it."""
+    path = _user_model(tmp_path, "ok")
+    proc = run("train.py", *small(tmp_path, "mine"), "model=keras", f"model.path={path}", "quant=ptq",
+               "quant.refine_epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "mine" / "summary.json").read_text())
+    assert s["float/epochs"] >= 1 and s["float/folded_batch_norms"] == ["bn"] and s["quant/float_layers"] == []
+    assert {"quant/weights/conv/kernel/levels", "quant/weights/gru/kernel/levels"} <= set(s) and s["quant/levels_ok"]
+    proc = run("train.py", *small(tmp_path, "as_is"), "model=keras", f"model.path={path}", "model.trained=true",
+               "quant=qat", "bits=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "as_is" / "summary.json").read_text())
+    assert s["float/epochs"] == 0 and s["qat/packed_matches"] and s["quant/levels_ok"]
+
+
+def test_a_users_model_that_does_not_fit_is_one_line_before_training(speech_commands_root, tmp_path):
+    """A layer that cannot be quantized is named before any data is read (or kept float and listed
+    with model.keep_float=true); a model with the wrong number of classes is refused before training."""
+    bad = _user_model(tmp_path, "layer_norm")
+    proc = run("train.py", *small(tmp_path, "outputs/day/bad"), "model=keras", f"model.path={bad}")
+    assert proc.returncode == 2 and not (tmp_path / "cache").exists()
+    assert proc.stderr.strip().splitlines() == [
+        "error: layer 'ln' (LayerNormalization) of model 'mine' cannot be quantized: expected LSTM, GRU, "
+        "Bidirectional(LSTM / GRU), Dense, Conv1D, Conv2D, DepthwiseConv2D, BatchNormalization after a convolution "
+        "or Dense (folded), Normalization (kept float), layers without weights (model.keep_float=true keeps such "
+        "layers float)"]
+    five = _user_model(tmp_path, "five")
+    proc = run("train.py", *small(tmp_path, "five"), "model=keras", f"model.path={five}")
+    assert proc.returncode == 2 and not (tmp_path / "cache" / "float").exists()
+    assert proc.stderr.strip().splitlines() == [
+        f"error: model.path='{five}' gives output [5]: expected [3], one probability per class of the task"]
+    proc = run("train.py", *small(tmp_path, "kept"), "model=keras", f"model.path={bad}", "model.keep_float=true",
+               "quant.gptq=false", "quant.refine_epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "kept" / "summary.json").read_text())["quant/float_layers"] == ["ln"]

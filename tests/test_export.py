@@ -1,5 +1,7 @@
 """Packed b-bit files (bit packing, a whole model written and read back bit-identically) and the
 TFLite modes through the stock interpreter."""
+import struct
+
 import numpy as np
 import pytest
 import tf_keras as keras
@@ -7,7 +9,8 @@ import tf_keras as keras
 from qat.errors import DataError
 from qat.export.packed import load_packed_model, pack_bits, read_packed, unpack_bits, write_packed_model
 from qat.export.tflite import tflite_model
-from qat.layers.model import freeze_ranges, quantize_model, quantized_weights
+from qat.layers.model import QuantConfig, freeze_ranges, quantize_model, quantized_weights
+from qat.quant.spec import QuantSpec
 from qat.training.models import build_model
 from tests import specs
 
@@ -66,6 +69,29 @@ def test_not_a_packed_file(tmp_path):
     (tmp_path / "x").write_bytes(b"hello")
     with pytest.raises(DataError, match="not a packed weight file"):
         read_packed(str(tmp_path / "x"))
+    (tmp_path / "old").write_bytes(b"QLSTMPK1" + bytes(16))
+    with pytest.raises(DataError, match="older format"):
+        read_packed(str(tmp_path / "old"))
+
+
+@pytest.mark.parametrize("scheme", ["asymmetric", "symmetric"])
+@pytest.mark.parametrize("bits", [2, 3, 5])
+def test_packed_payload_is_codes_scales_and_integer_zero_points(small_model, tmp_path, scheme, bits):
+    """Per tensor: codes and zero points at `bits` bits, one float32 scale per group, no zero points
+    for the symmetric scheme (QuantSpec.packed_bytes); the zero points read back are the model's."""
+    spec = QuantSpec(bits, scheme, "per_channel")
+    qmodel = quantize_model(small_model, QuantConfig(weights=spec, bias=QuantSpec(bits, scheme)))
+    freeze_ranges(qmodel)
+    path = tmp_path / "m.qlstm"
+    size = write_packed_model(qmodel, str(path))
+    (header,) = struct.unpack("<I", path.read_bytes()[8:12])
+    quantized = quantized_weights(qmodel)
+    back = read_packed(str(path))
+    payload = sum(q.spec.packed_bytes(q.codes.size, q.scale.size) for q in quantized.values())
+    payload += sum(4 * v.size for k, v in back.items() if k not in quantized)
+    assert size == 12 + header + payload
+    for name, q in quantized.items():
+        np.testing.assert_array_equal(back[name].zero_point, q.zero_point)
 
 
 @pytest.mark.parametrize("mode,tol", [("float16", 1e-2), ("dynamic", 5e-2), ("int8", 0.15)])

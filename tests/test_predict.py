@@ -126,6 +126,32 @@ def test_stacked_gru_gradients_match_keras(reset_after):
                          grad_atol=1e-12)
 
 
+@pytest.mark.parametrize("front", ["conv2d", "conv1d_causal"])
+def test_conv_front_end_gradients_match_keras(front):
+    """The crnn preset (Conv2D -> BatchNorm -> ReLU -> GRU, the BN left unfolded here) and a causal,
+    dilated Conv1D front end: logits and per-clip squared gradients of the convolution's kernel and
+    bias against Keras's own."""
+    rng = np.random.default_rng(5)
+    x = rng.random((6, 12, 10)).astype(np.float32)
+    if front == "conv2d":
+        model = build_model((12, 10), 4, specs.model("crnn", units=6, conv_filters=3, conv_kernel=(3, 3)),
+                            x.reshape(-1, 10).mean(0), x.reshape(-1, 10).var(0) + 1e-3)
+        model.get_layer("conv2d_bn").set_weights([rng.uniform(0.5, 2, 3), rng.normal(size=3) * 0.1,
+                                                   rng.normal(size=3) * 0.1, rng.uniform(0.5, 2, 3)])
+    else:
+        inputs = keras.Input((12, 10))
+        h = keras.layers.Conv1D(5, 3, padding="causal", dilation_rate=2, activation="relu", name="conv",
+                                bias_initializer="glorot_uniform")(inputs)
+        h = keras.layers.Flatten()(keras.layers.LSTM(6, return_sequences=True, name="lstm")(h))
+        model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax", name="dense")(h))
+    y = rng.integers(0, 4, 6)
+    sens = sensitivity(model, x, y, competitors=3)
+    variables = _variables(model)
+    assert ({"conv2d/kernel"} if front == "conv2d" else {"conv/kernel", "conv/bias"}) <= set(variables)
+    _check_against_keras(model, x, y, sens, _rivals(model, x, y), variables, range(len(y)), margin_abs=1e-5,
+                         grad_atol=1e-12)
+
+
 def _without_reset_after(model):
     def clone(layer):
         config = layer.get_config()
@@ -254,14 +280,15 @@ def test_ptq_summary_keys(trained):
 
 
 def test_a_model_the_predictor_cannot_follow_gets_no_prediction_and_a_reason(trained):
-    """A PTQ run of a model with a layer the predictor has no adjoint for (a convolution) still runs:
-    `predict/degradation` is null and `predict/unsupported` says why."""
+    """A PTQ run of a model with a layer the predictor has no adjoint for (a depthwise convolution)
+    still runs: `predict/degradation` is null and `predict/unsupported` says why."""
     _, feats, _, _, _ = trained
     inputs = keras.Input(feats.input_shape)
-    h = keras.layers.Conv1D(4, 3, name="conv")(inputs)
+    h = keras.layers.Reshape((*feats.input_shape, 1))(inputs)
+    h = keras.layers.DepthwiseConv2D(3, name="conv")(h)
     out = keras.layers.Dense(len(feats.class_names), activation="softmax")(keras.layers.Flatten()(h))
     out = predict_summary(keras.Model(inputs, out), feats, _quant_config("bits=4"), specs.predict(calib="train"), 0)
-    assert out["predict/degradation"] is None and "'conv' (Conv1D)" in out["predict/unsupported"]
+    assert out["predict/degradation"] is None and "'conv' (DepthwiseConv2D)" in out["predict/unsupported"]
 
 
 def test_bad_input_is_a_config_error(trained):

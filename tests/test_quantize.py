@@ -8,7 +8,7 @@ from qat.algorithms.calibration import calibrate
 from qat.errors import ConfigError, DataError
 from qat.layers.dense import QDense
 from qat.layers.lstm import QLSTM
-from qat.layers.model import (QuantConfig, float_layers, freeze_ranges, quantize_model, quantized_weights,
+from qat.layers.model import (QuantConfig, check_quantizable, float_layers, freeze_ranges, quantize_model, quantized_weights,
                               weight_tensor_names)
 from qat.quant.quantizers import LSQ, RANGE
 from qat.quant.reference import dequantize_np, estimate_range, fake_quant_np, qparams
@@ -91,26 +91,21 @@ def test_bad_quant_config_is_a_config_error(kwargs, match):
         QuantConfig(**kwargs)
 
 
-def test_unsupported_layers_are_config_errors():
+def test_layers_that_cannot_be_quantized_are_refused_by_name_or_kept_float_and_listed():
+    """A SimpleRNN (also in a Bidirectional) or a LayerNormalization cannot be quantized:
+    check_quantizable names it and the types it can handle; with keep_float the twin keeps it float
+    and float_layers lists it, beside the normalisation (its statistics are float constants)."""
     inp = keras.Input(SHAPE)
-    model = keras.Model(inp, keras.layers.Bidirectional(keras.layers.SimpleRNN(4), name="bi")(inp))
-    with pytest.raises(ConfigError, match=r"layer 'bi' \(Bidirectional\) is not supported"):
-        quantize_model(model, QuantConfig(weights=QuantSpec(4)))
-    model = keras.Model(inp, keras.layers.SimpleRNN(4, name="rnn")(inp))
-    with pytest.raises(ConfigError, match=r"layer 'rnn' \(SimpleRNN\) is not supported"):
-        quantize_model(model, QuantConfig(weights=QuantSpec(4)))
-
-
-def test_layers_left_in_float_are_listed():
-    """A convolution before the LSTM stays float and is named, as the normalisation is; the summary
-    of a PTQ / QAT run carries this list as quant/float_layers."""
-    inp = keras.Input(SHAPE)
-    h = keras.layers.Normalization(mean=0.0, variance=1.0, name="normalize")(inp)
-    h = keras.layers.Conv1D(4, 3, padding="same", name="conv")(h)
-    h = keras.layers.LSTM(4, return_sequences=True, name="lstm")(h)
-    model = keras.Model(inp, keras.layers.Dense(3, name="dense")(keras.layers.Flatten(name="flatten")(h)))
-    qmodel = quantize_model(model, QuantConfig(weights=QuantSpec(4)))
-    assert float_layers(qmodel) == ["normalize", "conv"]
+    bi = ["forward_simple_rnn", "backward_simple_rnn"]      # a Bidirectional's float layers, by direction
+    for layer, kind, listed in [(keras.layers.Bidirectional(keras.layers.SimpleRNN(4), name="bad"), "Bidirectional", bi),
+                                (keras.layers.SimpleRNN(4, name="bad"), "SimpleRNN", ["bad"]),
+                                (keras.layers.LayerNormalization(name="bad"), "LayerNormalization", ["bad"])]:
+        model = keras.Model(inp, layer(keras.layers.Normalization(mean=0.0, variance=1.0, name="normalize")(inp)))
+        with pytest.raises(ConfigError, match=rf"layer 'bad' \({kind}\) of model .* cannot be quantized: expected "
+                                              r"LSTM, GRU, Bidirectional\(LSTM / GRU\), Dense, Conv1D"):
+            check_quantizable(model, keep_float=False)
+        check_quantizable(model, keep_float=True)
+        assert float_layers(quantize_model(model, QuantConfig(weights=QuantSpec(4)))) == ["normalize", *listed]
     assert float_layers(quantize_model(build_model(SHAPE, 3, specs.model(units=4)), QuantConfig())) == []
 
 

@@ -26,14 +26,25 @@ def layer_input_means(model, layer_names, x: np.ndarray) -> Dict[str, np.ndarray
     return {n: sums[n] / counts[n] for n in layer_names}
 
 
+def mean_shift(mean_input: np.ndarray, delta: np.ndarray, depthwise: bool = False) -> np.ndarray:
+    """The mean change of each output pre-activation when a kernel changes by `delta`, for inputs of
+    mean `mean_input` (one per input channel): x @ delta for a matrix; for a convolution every kernel
+    position sees the same mean (edges of 'same' padding aside); a depthwise kernel [kh, kw, C, M]
+    maps channel c to outputs c * M ... c * M + M - 1."""
+    if depthwise:
+        return (mean_input[:, None] * delta.sum(axis=(0, 1))).reshape(-1)
+    return mean_input @ delta.reshape(-1, *delta.shape[-2:]).sum(axis=0)
+
+
 def bias_correct(float_model, qmodel, x_calib: np.ndarray) -> Dict[str, float]:
     """Shift each quantized layer's float bias so that its pre-activations keep their float mean:
-    b <- b - E[x] (W_q - W) [- E[h] (R_q - R) for the LSTM and GRU], with E[x] (E[h]: the mean hidden
+    b <- b - E[x] (W_q - W) [- E[h] (R_q - R) for the LSTM and GRU] (`mean_shift` for convolutions), with E[x] (E[h]: the mean hidden
     state) measured on calibration clips in the float model. A GRU with reset_after has an input and a
     recurrent bias row: each takes the shift of its own product (the recurrent one inside the reset
     gate's product, where it belongs). Returns the size of each correction (L2)."""
     q = quantized_weights(qmodel)
-    layers = sorted({name.split("/")[0] for name in q if name.endswith("/kernel")})
+    kernels = {name.split("/")[0]: name for name in q if name.endswith(("/kernel", "/depthwise_kernel"))}
+    layers = sorted(kernels)
     layers = [n for n in layers if getattr(find_layer(float_model, n), "use_bias", False)]
     if not layers:
         return {}
@@ -52,7 +63,8 @@ def bias_correct(float_model, qmodel, x_calib: np.ndarray) -> Dict[str, float]:
         h_means[name] = outs.reshape(-1, outs.shape[-1]).astype(np.float64).mean(0)
     sizes = {}
     for name in layers:
-        shift = means[name] @ (q[f"{name}/kernel"].values - float_weight(float_model, f"{name}/kernel"))
+        shift = mean_shift(means[name], q[kernels[name]].values - float_weight(float_model, kernels[name]),
+                           kernels[name].endswith("/depthwise_kernel"))
         rec_shift = 0.0
         if name in h_means:
             rec_shift = h_means[name] @ (q[f"{name}/recurrent_kernel"].values

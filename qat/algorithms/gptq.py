@@ -3,14 +3,17 @@ time and the rounding error is pushed onto the rows not yet rounded through the 
 the layer's inputs, H = X^T X. For the LSTM, X = [x_t, h_{t-1}] and the kernel and recurrent kernel
 are rounded together, since both feed the same gate pre-activations. The GRU is rounded the same
 way; for its candidate columns this is an approximation (there the recurrent product is scaled by
-the reset gate, or, without reset_after, multiplies r * h_{t-1} instead of h_{t-1})."""
+the reset gate, or, without reset_after, multiplies r * h_{t-1} instead of h_{t-1}). A Conv1D / Conv2D
+kernel [..., in, out] is rounded as the matrix [kernel positions x in, out] with X its input patches
+(im2col); a depthwise kernel (one small filter per channel) keeps round-to-nearest."""
 from __future__ import annotations
 
 import numpy as np
 import tf_keras as keras
 
 from qat.algorithms.calibration import batches
-from qat.layers.model import output_taps, quantized_layers
+from qat.layers.conv import QConv1D, QConv2D, QDepthwiseConv2D, conv_patches
+from qat.layers.model import input_tap, quantized_layers
 
 
 def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
@@ -44,29 +47,31 @@ def gptq(float_model, qmodel, x_calib: np.ndarray, damp: float = 0.01) -> None:
     """Re-round every quantized kernel of `qmodel` (ranges already frozen) with `gptq_round`, layer by
     layer in model order; each layer's inputs come from `qmodel` with the layers before it already
     rounded, so later layers compensate earlier errors."""
-    for layer in [l for l in quantized_layers(qmodel) if "kernel" in l.weight_quantizers]:
-        taps = keras.Model(qmodel.inputs, output_taps(qmodel, layer))
+    for layer in [l for l in quantized_layers(qmodel) if "kernel" in l.weight_quantizers
+                  and not isinstance(l, QDepthwiseConv2D)]:
+        tap = keras.Model(qmodel.inputs, input_tap(qmodel, layer))
         recurrent = "recurrent_kernel" in layer.weight_quantizers
         hessian = 0.0
         for batch in batches(x_calib):
-            outs = taps(batch, training=False)
-            x, *y = outs if isinstance(outs, list) else [outs]
+            x = tap(batch, training=False)
             if recurrent:   # h_{t-1}: the layer's own output shifted one step, zeros at t = 0
-                y = np.asarray(y[0] if y else layer(x, training=False))   # in the order the layer reads frames
+                y = np.asarray(layer.sequence(x))   # every step, in the order the layer reads frames
                 x = x[:, ::-1] if layer.go_backwards else x
                 h_prev = np.concatenate([np.zeros_like(y[:, :1]), y[:, :-1]], axis=1)
                 rows = np.concatenate([_rows(x), _rows(h_prev)], axis=1)
             else:
-                rows = _rows(x)
+                rows = _rows(conv_patches(layer, x)) if isinstance(layer, (QConv1D, QConv2D)) else _rows(x)
             hessian = hessian + rows.T @ rows
         names = ["kernel", "recurrent_kernel"] if recurrent else ["kernel"]
-        weights = [getattr(layer, n).numpy() for n in names]
-        grids = [layer.weight_quantizers[n].scale_zero_point(getattr(layer, n)) for n in names]
-        scale = np.concatenate([np.broadcast_to(g[0].numpy(), w.shape) for g, w in zip(grids, weights)])
-        zp = np.concatenate([np.broadcast_to(g[1].numpy(), w.shape) for g, w in zip(grids, weights)])
+        shapes = [getattr(layer, n).shape for n in names]
+        weights = [_rows(getattr(layer, n).numpy()) for n in names]     # a conv kernel as [positions x in, out]
+        grids = [[_rows(np.broadcast_to(t.numpy(), shape)) for t in layer.weight_quantizers[n].scale_zero_point(
+            getattr(layer, n))] for n, shape in zip(names, shapes)]
+        scale = np.concatenate([g[0] for g in grids])
+        zp = np.concatenate([g[1] for g in grids])
         spec = layer.weight_quantizers["kernel"].spec
         rounded = gptq_round(np.concatenate(weights), hessian, scale, zp, spec.qmin, spec.qmax, damp)
         start = 0
-        for n, w in zip(names, weights):
-            getattr(layer, n).assign(rounded[start:start + len(w)])
+        for n, w, shape in zip(names, weights, shapes):
+            getattr(layer, n).assign(rounded[start:start + len(w)].reshape(shape))
             start += len(w)

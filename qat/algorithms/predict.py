@@ -35,7 +35,6 @@ by `tensor_specs`, and `predict_summary` predicts its weight part and says so.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -48,6 +47,7 @@ from scipy.special import ndtr
 from qat.algorithms.calibration import calibration_indices
 from qat.checks import Bits, Checked, Integer, ListOf, Nullable, Number, OneOf, rejected, setting
 from qat.errors import ConfigError, DataError
+from qat.layers.conv import conv_patches
 from qat.layers.model import RECURRENT, QuantConfig, freeze_ranges, quantize_model, weight_tensor_names
 from qat.metrics import predict_classes
 from qat.quant.reference import fake_quant_np
@@ -117,6 +117,12 @@ def probability_correct(margins: np.ndarray, variance: np.ndarray) -> np.ndarray
     return p.prod(axis=0)
 
 
+CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D)
+# layers without quantized weights that the unrolled forward pass runs as Keras runs them
+PASS_THROUGH = (keras.layers.Flatten, keras.layers.Dropout, keras.layers.Normalization, keras.layers.Reshape,
+                keras.layers.ReLU, keras.layers.Activation, keras.layers.BatchNormalization)
+
+
 class UnsupportedModel(ConfigError):
     """The predictor cannot follow this model (a layer type it has no adjoint for)."""
 
@@ -135,9 +141,14 @@ def _check_layers(model) -> list:
             if last and layer.activation not in (keras.activations.softmax, keras.activations.linear):
                 raise ConfigError(f"predict needs a softmax or linear output layer; '{layer.name}' uses "
                                   f"{layer.activation.__name__}")
-        elif not isinstance(layer, (keras.layers.Flatten, keras.layers.Dropout, keras.layers.Normalization)):
+        elif type(layer) in CONVOLUTIONS:
+            if layer.data_format != "channels_last" or layer.groups != 1:
+                raise UnsupportedModel(f"predict supports channels-last convolutions without groups; "
+                                       f"'{layer.name}' is not one")
+        elif not isinstance(layer, PASS_THROUGH):
             raise UnsupportedModel(f"predict does not support layer '{layer.name}' ({type(layer).__name__}): "
-                              "expected Normalization, LSTM, GRU, Flatten, Dropout and Dense layers")
+                                   "expected Normalization, Conv1D, Conv2D, BatchNormalization, activations, Reshape, "
+                                   "LSTM, GRU, Flatten, Dropout and Dense layers")
     if not layers or type(layers[-1]) is not keras.layers.Dense:
         raise UnsupportedModel("predict needs a Dense output layer (the classifier) last")
     return layers
@@ -181,11 +192,18 @@ def _forward(model, x, probes: Optional[dict] = None, record: Optional[dict] = N
             if probes is not None:
                 z = z + probes[layer.name]
             h = z if idx == len(layers) - 1 else layer.activation(z)
+        elif type(layer) in CONVOLUTIONS:
+            if record is not None:
+                record[layer.name] = (conv_patches(layer, h), "conv")
+            z = layer.convolution_op(tf.pad(h, layer._compute_causal_padding(h)) if layer.padding == "causal" else h,
+                                     layer.kernel) + (layer.bias if layer.use_bias else 0.0)
+            if probes is not None:
+                z = z + probes[layer.name]
+            h = layer.activation(z)
         elif isinstance(layer, keras.layers.Flatten):
             h = tf.reshape(h, (tf.shape(h)[0], -1))
-        elif isinstance(layer, keras.layers.Normalization):
+        elif not isinstance(layer, keras.layers.Dropout):   # Dropout: identity at inference
             h = layer(h, training=False)
-        # Dropout: identity at inference
     return h
 
 
@@ -261,6 +279,8 @@ def _make_pass(model, names: Sequence[str]):
                     probes[name] = tf.zeros((n, layer.input_shape[1], 4 * layer.cell.units))
                 elif isinstance(layer, keras.layers.GRU):
                     probes[name] = tuple(tf.zeros((n, layer.input_shape[1], 3 * layer.cell.units)) for _ in "xh")
+                elif type(layer) in CONVOLUTIONS:
+                    probes[name] = tf.zeros((n, *layer.output_shape[1:]))
                 else:
                     probes[name] = tf.zeros((n, layer.units))
                 tape.watch(probes[name])
@@ -274,7 +294,11 @@ def _make_pass(model, names: Sequence[str]):
             for name in layers:
                 d = deltas[name]
                 inp, prev = record[name]
-                if isinstance(prev, tuple):   # GRU: dm/dW from the input products, dm/dR from the recurrent
+                if isinstance(prev, str):     # convolution: dm/dK = patches^T d over output positions
+                    d = tf.reshape(d, (n, -1, d.shape[-1]))
+                    per = {"kernel": lambda: _sq_column_grads(inp, d),
+                           "bias": lambda: tf.square(tf.reduce_sum(d, axis=1))}
+                elif isinstance(prev, tuple):   # GRU: dm/dW from the input products, dm/dR from the recurrent
                     per = _gru_sq_grads(model.get_layer(name), inp, prev, d)
                 elif prev is not None:   # LSTM: dm/dW = sum_t x_t^T d_t, dm/dR = sum_t h_{t-1}^T d_t, dm/db = sum_t d_t
                     per = {"kernel": lambda: _sq_column_grads(inp, d),
@@ -388,8 +412,8 @@ def weight_config(bits: int, granularity: str = "per_tensor", scheme: str = "asy
 
 
 def packed_size(sens: Sensitivity, cfg: QuantConfig) -> int:
-    """Bytes of the weight tensors packed at their bit-widths plus a float32 scale and zero point per
-    quantization group (as qat.export stores them); tensors left float count 4 bytes a value."""
+    """Bytes of the weight tensors packed at their bit-widths with their scales and zero points
+    (QuantSpec.packed_bytes, as qat.export stores them); tensors left float count 4 bytes a value."""
     total = 0
     for name, spec in tensor_specs(sens.names, cfg).items():
         w = sens.weights[name]
@@ -397,7 +421,7 @@ def packed_size(sens: Sensitivity, cfg: QuantConfig) -> int:
             total += 4 * w.size
         else:
             groups = w.shape[spec.axis] if spec.granularity == "per_channel" and w.ndim else 1
-            total += math.ceil(w.size * spec.bits / 8) + 8 * groups
+            total += spec.packed_bytes(w.size, groups)
     return total
 
 
@@ -467,7 +491,7 @@ def propose_mixed(sens: Sensitivity, max_drop: float, bits: Sequence[int] = PRED
     for n in names:
         w, spec = sens.weights[n], spec_of[n]
         groups = w.shape[spec.axis] if spec.granularity == "per_channel" else 1
-        size[n] = np.array([math.ceil(w.size * b / 8) + 8 * groups for b in bits])
+        size[n] = np.array([_spec_at(spec, b).packed_bytes(w.size, groups) for b in bits])
 
     def drop_of(choice) -> float:
         return sens.drop(sum(var[n][j] for n, j in zip(names, choice)))

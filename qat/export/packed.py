@@ -14,7 +14,8 @@ from qat.errors import DataError
 from qat.io import atomic_path
 from qat.layers.model import leaf_layers, quantized_layers, quantized_weights
 
-MAGIC = b"QLSTMPK1"
+MAGIC = b"QLSTMPK2"
+OLDER = (b"QLSTMPK1",)   # formats this version no longer reads
 
 
 # ------------------------------------------------------------------------------------ bit packing
@@ -46,13 +47,25 @@ class PackedTensor:
     values: np.ndarray
 
 
+def _zero_point_bytes(zero_point, spec) -> bytes:
+    if spec.scheme == "symmetric":
+        return b""
+    zp = np.asarray(zero_point, np.float32)
+    if not np.array_equal(zp, np.round(zp)) or zp.min(initial=spec.qmin) < spec.qmin or zp.max(initial=spec.qmax) > spec.qmax:
+        raise ValueError(f"zero points must be integers in [{spec.qmin}, {spec.qmax}] to be packed")
+    return pack_bits(zp.astype(np.int64) - spec.qmin, spec.bits)
+
+
 def write_packed(path: str, quantized: Dict[str, object], float_tensors: Dict[str, np.ndarray]) -> int:
     """Write quantized weights (name -> object with codes, scale, zero_point, spec; see
     qat.layers.model.quantized_weights) packed at their bit-width, plus the tensors left in float32
     (e.g. normalisation statistics), into one file. Written atomically. Returns its size in bytes.
 
-    Layout: MAGIC, u32 header length, JSON header, then the payloads at the offsets it lists.
-    Scales and zero points are float32, codes are stored offset by qmin so they are unsigned.
+    Layout: MAGIC, u32 header length, JSON header, then the payloads at the offsets it lists. A
+    quantized tensor's payload: its scales as float32 (one per quantization group, what the model
+    computes with), its zero points (integers in [qmin, qmax]; absent for the symmetric scheme, where
+    they are 0) and its codes, both packed at the tensor's bit-width offset by qmin so they are
+    unsigned.
     """
     header, payloads, offset = {"tensors": []}, [], 0
 
@@ -67,7 +80,7 @@ def write_packed(path: str, quantized: Dict[str, object], float_tensors: Dict[st
         add({"name": name, "kind": "quantized", "shape": list(q.codes.shape), "bits": spec.bits,
              "qmin": spec.qmin, "scale_shape": list(np.shape(q.scale)), "scheme": spec.scheme,
              "granularity": spec.granularity},
-            np.asarray(q.scale, np.float32).tobytes() + np.asarray(q.zero_point, np.float32).tobytes()
+            np.asarray(q.scale, np.float32).tobytes() + _zero_point_bytes(q.zero_point, spec)
             + pack_bits(np.asarray(q.codes, np.int64) - spec.qmin, spec.bits))
     for name, value in float_tensors.items():
         value = np.asarray(value, np.float32)
@@ -84,6 +97,9 @@ def write_packed(path: str, quantized: Dict[str, object], float_tensors: Dict[st
 def read_packed(path: str) -> Dict[str, object]:
     """Read a file written by `write_packed`: name -> PackedTensor (quantized) or float32 array."""
     raw = Path(path).read_bytes()
+    if raw[: len(MAGIC)] in OLDER:
+        raise DataError(f"{path} is a packed file of an older format ({raw[:len(MAGIC)]!r}): export it again with "
+                        "this version (evaluate.py run_dir=<run> re-runs the recipe)")
     if raw[: len(MAGIC)] != MAGIC:
         raise DataError(f"{path} is not a packed weight file (expected it to start with {MAGIC!r})")
     (n,) = struct.unpack("<I", raw[len(MAGIC): len(MAGIC) + 4])
@@ -98,9 +114,13 @@ def read_packed(path: str) -> Dict[str, object]:
             continue
         k = int(np.prod(t["scale_shape"], dtype=np.int64))
         scale = np.frombuffer(blob[: 4 * k], np.float32).reshape(t["scale_shape"])
-        zero_point = np.frombuffer(blob[4 * k: 8 * k], np.float32).reshape(t["scale_shape"])
+        zp_bytes = 0 if t["scheme"] == "symmetric" else (k * t["bits"] + 7) // 8
+        zero_point = np.zeros(k, np.float32) if not zp_bytes else \
+            (unpack_bits(blob[4 * k: 4 * k + zp_bytes], t["bits"], k).astype(np.int64) + t["qmin"]).astype(np.float32)
+        zero_point = zero_point.reshape(t["scale_shape"])
         count = int(np.prod(t["shape"], dtype=np.int64))
-        codes = (unpack_bits(blob[8 * k:], t["bits"], count).astype(np.int64) + t["qmin"]).reshape(t["shape"])
+        codes = (unpack_bits(blob[4 * k + zp_bytes:], t["bits"], count).astype(np.int64)
+                 + t["qmin"]).reshape(t["shape"])
         values = (scale * (codes.astype(np.float32) - zero_point)).astype(np.float32)
         out[t["name"]] = PackedTensor(codes.astype(np.int32), scale, zero_point, t["bits"], values)
     return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar, Dict, Iterable, Optional, Tuple
 
+import tensorflow as tf
+
 from qat.errors import ConfigError
 from qat.quant.quantizers import ActivationQuantizer, Strategy, WeightQuantizer, strategy_named
 from qat.quant.spec import QuantSpec
@@ -72,3 +74,37 @@ class QuantizedLayer:
         """The quantization part of `get_config`."""
         return {"quantizer": self.strategy.name,
                 **{f"{key}_quant": None if spec is None else spec.to_config() for key, spec in self.specs.items()}}
+
+
+class FeedForwardQuantized(QuantizedLayer):
+    """What QDense and the quantized convolutions share: input quantizer -> `_apply(inputs, kernel)`
+    with the fake-quantized kernel (`kernel_name`) -> quantized bias -> activation."""
+
+    kernel_name: ClassVar[str] = "kernel"
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_quantizers([(("input",), "input", int(input_shape[-1]))])
+
+    def _apply(self, inputs, kernel):
+        raise NotImplementedError
+
+    def call(self, inputs):
+        if "input" in self.activation_quantizers:
+            inputs = self.activation_quantizers["input"](inputs)
+        y = self._apply(inputs, self.quantized_weight(self.kernel_name))
+        if self.use_bias:
+            y = tf.nn.bias_add(y, self.quantized_weight("bias"))
+        return self.activation(y) if self.activation is not None else y
+
+    def calibration_values(self, inputs) -> dict:
+        return {"input": tf.convert_to_tensor(inputs)}
+
+    def get_config(self):
+        return {**super().get_config(), **self.quantization_config()}
+
+    @classmethod
+    def from_float(cls, layer, specs: dict, quantizer="range"):
+        """An unbuilt quantized layer configured like the float layer (same name and config)."""
+        return cls(kernel_quant=specs.get(cls.kernel_name), bias_quant=specs.get("bias"),
+                   input_quant=specs.get("input"), quantizer=quantizer, **layer.get_config())

@@ -6,12 +6,12 @@ from typing import Optional
 import tensorflow as tf
 import tf_keras as keras
 
-from qat.layers.base import QuantizedLayer
+from qat.layers.base import FeedForwardQuantized
 from qat.quant.spec import QuantSpec
 
 
 @keras.saving.register_keras_serializable(package="qat")
-class QDense(QuantizedLayer, keras.layers.Dense):
+class QDense(FeedForwardQuantized, keras.layers.Dense):
     """Dense with optional fake quantization of its kernel, bias and input (the quantizers of
     qat.quant.quantizers, as QLSTM)."""
 
@@ -22,26 +22,5 @@ class QDense(QuantizedLayer, keras.layers.Dense):
         super().__init__(units, **kwargs)
         self._set_quantization({"kernel": kernel_quant, "bias": bias_quant, "input": input_quant}, quantizer)
 
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_quantizers([(("input",), "input", int(input_shape[-1]))])
-
-    def call(self, inputs):
-        if "input" in self.activation_quantizers:
-            inputs = self.activation_quantizers["input"](inputs)
-        y = tf.matmul(inputs, self.quantized_weight("kernel"))
-        if self.use_bias:
-            y = tf.nn.bias_add(y, self.quantized_weight("bias"))
-        return self.activation(y) if self.activation is not None else y
-
-    def calibration_values(self, inputs) -> dict:
-        return {"input": tf.convert_to_tensor(inputs)}
-
-    def get_config(self):
-        return {**super().get_config(), **self.quantization_config()}
-
-    @classmethod
-    def from_float(cls, dense, specs: dict, quantizer="range") -> "QDense":
-        """An unbuilt QDense configured like the float Dense `dense` (same name and config)."""
-        return cls(kernel_quant=specs.get("kernel"), bias_quant=specs.get("bias"), input_quant=specs.get("input"),
-                   quantizer=quantizer, **dense.get_config())
+    def _apply(self, inputs, kernel):
+        return tf.matmul(inputs, kernel)

@@ -2,7 +2,8 @@
 of a float model (`quantize_model`), freezing its ranges, and its quantized weights as integer codes.
 
 `quantize_model` swaps every `LSTM` for QLSTM, every `GRU` for QGRU (also inside `Bidirectional`, both
-directions, any merge mode) and every `Dense` for QDense (same names, float weights copied, weight
+directions, any merge mode), every `Dense` for QDense and every Conv1D / Conv2D / DepthwiseConv2D for
+its quantized twin (qat.layers.conv; fold BatchNormalization into them first, qat.layers.fold) (same names, float weights copied, weight
 ranges fitted with each spec's estimator) and copies all other layers as they are. The layers of a
 Bidirectional are addressed by their own names (`forward_lstm`, `backward_lstm`): `leaf_layers`. The twin trains with `model.fit` (straight-through gradients) and saves / loads as .keras.
 Activation ranges come from calibration (qat.algorithms.calibration); before it the activation
@@ -20,6 +21,7 @@ import tf_keras as keras
 from qat.checks import rejected
 from qat.errors import ConfigError
 from qat.layers.base import QuantizedLayer, float_source
+from qat.layers.conv import CONVOLUTIONS
 from qat.layers.dense import QDense
 from qat.layers.gru import QGRU
 from qat.layers.lstm import QLSTM
@@ -34,8 +36,8 @@ SPEC_FIELDS = ("weights", "bias", "inputs", "gates", "state")
 class QuantConfig:
     """What is quantized at which spec (None = keep float), and by which quantizer strategy."""
 
-    weights: Optional[QuantSpec] = None   # LSTM / GRU kernel + recurrent kernel + Dense kernel
-    bias: Optional[QuantSpec] = None      # LSTM, GRU and Dense biases
+    weights: Optional[QuantSpec] = None   # LSTM / GRU kernel + recurrent kernel, Dense and convolution kernels
+    bias: Optional[QuantSpec] = None      # LSTM, GRU, Dense and convolution biases
     inputs: Optional[QuantSpec] = None    # layer inputs (act_bits); a Dense input is always per tensor:
                                           # per-feature ranges of a flattened LSTM sequence would cost
                                           # two floats per input, more than the weights they serve
@@ -66,9 +68,11 @@ class QuantConfig:
         return replace(self, inputs=None, gates=None, state=None)
 
 
-QUANTIZED_LAYERS = (QLSTM, QGRU, QDense)
 # float recurrent layer type -> its quantized twin
 RECURRENT = {keras.layers.LSTM: QLSTM, keras.layers.GRU: QGRU}
+# every float layer type quantize_model quantizes -> its quantized twin (Bidirectional: see _clone)
+TWINS = {**RECURRENT, keras.layers.Dense: QDense, **CONVOLUTIONS}
+QUANTIZED_LAYERS = tuple(TWINS.values())
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,9 @@ def output_taps(model, layer) -> list:
 def _weight_names(layer) -> List[str]:
     if isinstance(layer, (*RECURRENT, QuantizedRNN)):
         names = ["kernel", "recurrent_kernel"] + (["bias"] if layer.use_bias else [])
-    elif type(layer) in (keras.layers.Dense, QDense):
-        names = ["kernel"] + (["bias"] if layer.use_bias else [])
+    elif type(layer) in (keras.layers.Dense, QDense, *CONVOLUTIONS, *CONVOLUTIONS.values()):
+        kernel = "depthwise_kernel" if isinstance(layer, keras.layers.DepthwiseConv2D) else "kernel"
+        names = [kernel] + (["bias"] if layer.use_bias else [])
     else:
         return []
     return [f"{layer.name}/{n}" for n in names]
@@ -148,6 +153,10 @@ def _layer_specs(layer, cfg: QuantConfig) -> dict:
         specs.update(gate=cfg.gates, state=cfg.state)
     elif cfg.inputs is not None and cfg.inputs.granularity == "per_channel":
         specs["input"] = replace(cfg.inputs, granularity="per_tensor")
+    kernel = specs.get("depthwise_kernel")
+    if type(layer) is keras.layers.DepthwiseConv2D and kernel is not None and kernel.granularity == "per_channel" \
+            and f"{layer.name}/depthwise_kernel" not in cfg.overrides:
+        specs["depthwise_kernel"] = replace(kernel, axis=-2)   # [kh, kw, channels, multiplier]: per channel
     return specs
 
 
@@ -166,19 +175,46 @@ def _clone(layer, cfg: QuantConfig):
         return keras.layers.Bidirectional(_twin(fw, cfg, fw.name[len("forward_"):]),
                                           backward_layer=_twin(bw, cfg, bw.name[len("backward_"):]),
                                           merge_mode=layer.merge_mode, name=layer.name)
-    if type(layer) is keras.layers.Dense:
-        return QDense.from_float(layer, _layer_specs(layer, cfg), cfg.strategy)
-    if isinstance(layer, (keras.layers.RNN, keras.layers.Wrapper)):
-        raise ConfigError(f"layer '{layer.name}' ({type(layer).__name__}) is not supported by quantize_model: "
-                          "expected plain LSTM, GRU (also in Bidirectional) and Dense layers (other layers are "
-                          "copied as float)")
+    if type(layer) in TWINS:
+        return TWINS[type(layer)].from_float(layer, _layer_specs(layer, cfg), cfg.strategy)
     return layer.__class__.from_config(layer.get_config())
 
 
+QUANTIZABLE_TYPES = ("LSTM", "GRU", "Bidirectional(LSTM / GRU)", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D",
+                     "BatchNormalization after a convolution or Dense (folded)", "Normalization (kept float)",
+                     "layers without weights")
+
+
+def unquantizable_layers(model) -> List[str]:
+    """Names of the layers of a float model that hold weights quantize_model cannot quantize (after
+    folding batch norms: qat.layers.fold): they would compute in float."""
+    out = []
+    for layer in model.layers:
+        if type(layer) in TWINS or isinstance(layer, (keras.layers.InputLayer, keras.layers.Normalization)):
+            continue
+        if type(layer) is keras.layers.Bidirectional and type(layer.forward_layer) in RECURRENT \
+                and type(layer.backward_layer) in RECURRENT:
+            continue
+        if layer.weights or isinstance(layer, (keras.layers.RNN, keras.layers.Wrapper)):
+            out.append(layer.name)
+    return out
+
+
+def check_quantizable(model, keep_float: bool) -> None:
+    """A one-line ConfigError naming the first layer of `model` quantize_model cannot quantize and the
+    types it can, unless `keep_float` (those layers then stay float and `float_layers` lists them)."""
+    bad = unquantizable_layers(model)
+    if bad and not keep_float:
+        layer = model.get_layer(bad[0])
+        raise ConfigError(f"layer '{layer.name}' ({type(layer).__name__}) of model '{model.name}' cannot be quantized: "
+                          f"expected {', '.join(QUANTIZABLE_TYPES)} (model.keep_float=true keeps such layers float)")
+
+
 def quantize_model(float_model, cfg: QuantConfig):
-    """The fake-quant twin of `float_model`: LSTM -> QLSTM, GRU -> QGRU, Dense -> QDense with the quantizers `cfg`
-    asks for, float weights copied, weight ranges initialised from the float weights with each
-    spec's estimator; other layers (Normalization, Flatten, Dropout, ...) copied as they are."""
+    """The fake-quant twin of `float_model`: LSTM -> QLSTM, GRU -> QGRU, Dense -> QDense, convolutions ->
+    qat.layers.conv, with the quantizers `cfg` asks for, float weights copied, weight ranges initialised
+    from the float weights with each spec's estimator; other layers (Normalization, Flatten, Dropout,
+    ...) copied as they are (`float_layers` lists those with parameters; `check_quantizable` refuses them)."""
     if not isinstance(cfg, QuantConfig):
         raise rejected("cfg", cfg, "a qat.layers.model.QuantConfig")
     valid = weight_tensor_names(float_model)

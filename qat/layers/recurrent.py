@@ -128,7 +128,16 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
                 self.quantized_weight("bias") if self.use_bias else None)
 
     def call(self, inputs, training=None):
-        training = bool(training)
+        hs = self._hidden_states(inputs, bool(training))
+        return tf.transpose(hs, [1, 0, 2]) if self.return_sequences else hs[-1]
+
+    def sequence(self, inputs):
+        """h at every step [B, T, U] at inference, in the order the layer reads the frames, whatever
+        `return_sequences` says."""
+        return tf.transpose(self._hidden_states(inputs, False), [1, 0, 2])
+
+    def _hidden_states(self, inputs, training: bool):
+        """The time-major hidden states [T, B, U] of a forward pass."""
         inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
         q_in = self.activation_quantizers.get("input")
         x = inputs if q_in is None else q_in(inputs)
@@ -150,7 +159,7 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
             (hs,) = tf.cond(calibrated, lambda: loop(False), lambda: loop(True))
         else:
             (hs,) = loop(False)
-        return tf.transpose(hs, [1, 0, 2]) if self.return_sequences else hs[-1]
+        return hs
 
     def _time_major(self, x):
         """[B, T, F] -> [T, B, F], in the order the layer reads the frames."""

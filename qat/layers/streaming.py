@@ -1,22 +1,25 @@
 """Frame-by-frame inference with the recurrent state carried between calls: what a device runs.
 
 `Streamer` takes a float model of `build_model` or its fake-quant twin (`quantize_model`), i.e.
-[Normalization / Dropout] -> recurrent layers (LSTM, GRU, QLSTM, QGRU) -> head (Flatten, Dropout,
-Dense, ...), and runs it one frame at a time: each frame goes through the per-frame front and every
-recurrent layer's step from that layer's carried state (`QuantizedRNN.step`, or the Keras cell of a
-float layer). The head runs on what the last recurrent layer has produced so far: its whole output
-sequence (a Flatten head needs the clip's every frame) or its latest output. Over a clip this equals
-the whole-clip model (tests/test_streaming.py).
+front (Normalization, Dropout, and convolutions / pooling with valid padding over time, reshapes
+that keep time free, batch norm, activations) -> recurrent layers (LSTM, GRU, QLSTM, QGRU) -> head
+(Flatten, Dropout, Dense, ...), and runs it one frame at a time. The front keeps the last R frames
+(R: its receptive field over time, 1 without convolutions) and runs on them every S frames (S: the
+product of its time strides), which gives one time step of the recurrent input, as the whole-clip
+front computes it; every recurrent layer then steps from its carried state (`QuantizedRNN.step`, or
+the Keras cell of a float layer). The head runs on what the last recurrent layer has produced so
+far: its whole output sequence (a Flatten head needs every step) or its latest output. Over a clip
+this equals the whole-clip model (tests/test_streaming.py).
 
     streamer = Streamer(qmodel)
     streamer.reset(batch=1)
     for frame in clip:                  # [F] features of one frame
-        h = streamer.push(frame[None])  # the top recurrent layer's output for this frame
+        h = streamer.push(frame[None])  # the top recurrent layer's output (None if the front waits for frames)
     probabilities = streamer.output()
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -26,11 +29,35 @@ from qat.errors import ConfigError
 from qat.layers.model import RECURRENT
 from qat.layers.recurrent import QuantizedRNN
 
-FRONT = (keras.layers.Normalization, keras.layers.Dropout)
+TIME_LOCAL = (keras.layers.Normalization, keras.layers.Dropout, keras.layers.BatchNormalization, keras.layers.ReLU,
+              keras.layers.Activation, keras.layers.Reshape)
+WINDOWED = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.MaxPooling1D,
+            keras.layers.MaxPooling2D, keras.layers.AveragePooling1D, keras.layers.AveragePooling2D)
 
 
 def _recurrent(layer) -> bool:
     return isinstance(layer, QuantizedRNN) or type(layer) in RECURRENT
+
+
+def time_window(front, model_name: str) -> tuple:
+    """(receptive field R, stride S) over time of the layers before the recurrent stack; a ConfigError
+    for a layer that is not time-local or windowed with valid padding."""
+    field, stride = 1, 1
+    for layer in front:
+        if isinstance(layer, keras.layers.Reshape) and layer.target_shape[0] != -1:
+            raise ConfigError(f"streaming needs reshapes that keep time free; '{layer.name}' of model '{model_name}' "
+                              f"reshapes to {list(layer.target_shape)} (expected -1 first)")
+        if isinstance(layer, TIME_LOCAL):
+            continue
+        if not isinstance(layer, WINDOWED) or layer.padding != "valid":
+            raise ConfigError(f"streaming cannot run '{layer.name}' ({type(layer).__name__}) of model '{model_name}' "
+                              "before the recurrent layers: expected Normalization, Dropout, BatchNormalization, "
+                              "activations, reshapes and convolutions / pooling with padding='valid'")
+        size = layer.kernel_size[0] * layer.dilation_rate[0] - layer.dilation_rate[0] + 1 \
+            if hasattr(layer, "kernel_size") else layer.pool_size[0]
+        field += (size - 1) * stride
+        stride *= layer.strides[0]
+    return field, stride
 
 
 class Streamer:
@@ -43,7 +70,7 @@ class Streamer:
             raise ConfigError(f"streaming cannot run {backwards} of model '{model.name}': a layer that reads the "
                               "clip backwards needs the whole clip before its first output")
         i = 0
-        while i < len(layers) and isinstance(layers[i], FRONT):
+        while i < len(layers) and not _recurrent(layers[i]) and not isinstance(layers[i], keras.layers.Wrapper):
             i += 1
         self.front = layers[:i]
         j = i
@@ -52,8 +79,9 @@ class Streamer:
         self.recurrent, self.head = layers[i:j], layers[j:]
         if not self.recurrent:
             where = layers[i].name if i < len(layers) else "the end"
-            raise ConfigError(f"streaming needs [Normalization / Dropout] then recurrent layers (LSTM, GRU or their "
-                              f"quantized twins); model '{model.name}' has '{where}' there")
+            raise ConfigError(f"streaming needs a front then recurrent layers (LSTM, GRU or their quantized twins); "
+                              f"model '{model.name}' has '{where}' there")
+        self.field, self.stride = time_window(self.front, model.name)
         inner = [l.name for l in self.recurrent[:-1] if not l.return_sequences]
         later = [l.name for l in self.head if _recurrent(l) or isinstance(l, keras.layers.Wrapper)]
         if inner or later:
@@ -69,6 +97,8 @@ class Streamer:
         """Start a new clip (zero states) for `batch` streams."""
         self.states = tuple(self._initial(layer, batch) for layer in self.recurrent)
         self.outputs: List[tf.Tensor] = []
+        self.window: List[np.ndarray] = []     # the last `field` frames
+        self.frames = 0
 
     @staticmethod
     def _initial(layer, batch: int) -> tuple:
@@ -76,10 +106,11 @@ class Streamer:
             return layer.initial_states(batch)
         return tuple(tf.zeros((batch, size), layer.compute_dtype) for size in tf.nest.flatten(layer.cell.state_size))
 
-    def _frame_fn(self, frame, states):
-        h = frame
+    def _frame_fn(self, window, states):
+        h = window
         for layer in self.front:
-            h = layer(h[:, None, :], training=False)[:, 0]
+            h = layer(h, training=False)
+        h = h[:, 0]                      # the window gives one time step
         new = []
         for layer, state, gated in zip(self.recurrent, states, self._gated):
             if isinstance(layer, QuantizedRNN):
@@ -90,9 +121,14 @@ class Streamer:
             new.append(state)
         return h, tuple(new)
 
-    def push(self, frame) -> np.ndarray:
-        """One frame [batch, features]: the top recurrent layer's output for it [batch, units]."""
-        h, self.states = self._frame(tf.convert_to_tensor(frame, tf.float32), self.states)
+    def push(self, frame) -> Optional[np.ndarray]:
+        """One frame [batch, features]: the top recurrent layer's output for the step it completes
+        [batch, units], or None while the front waits for more frames (its window or stride)."""
+        self.window = (self.window + [np.asarray(frame, np.float32)])[-self.field:]
+        self.frames += 1
+        if self.frames < self.field or (self.frames - self.field) % self.stride:
+            return None
+        h, self.states = self._frame(tf.convert_to_tensor(np.stack(self.window, axis=1)), self.states)
         self.outputs.append(h)
         return h.numpy()
 

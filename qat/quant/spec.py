@@ -53,6 +53,13 @@ class QuantSpec(Checked):
     def qmax(self) -> int:
         return 2 ** self.bits - 1 if self.scheme == "asymmetric" else 2 ** (self.bits - 1) - 1
 
+    def packed_bytes(self, values: int, groups: int) -> int:
+        """Bytes of a tensor of `values` in `groups` quantization groups in a packed file
+        (qat.export.packed): codes at `bits`, a float32 scale per group and, asymmetric, an integer
+        zero point per group at `bits`."""
+        zero_points = 0 if self.scheme == "symmetric" else -(-groups * self.bits // 8)
+        return -(-values * self.bits // 8) + 4 * groups + zero_points
+
     def to_config(self) -> dict:
         return asdict(self)
 

@@ -35,6 +35,15 @@ def digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def file_digest(path: str) -> str:
+    """A short digest of a file's bytes (a user's model file in a cache key)."""
+    h = hashlib.sha1()
+    with open(os.path.expanduser(path), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def save_model_dir(model, info: Dict[str, Any], folder: Path) -> None:
     """Write model + info into `folder` atomically (temporary sibling, then rename)."""
     with atomic_dir(folder) as tmp:
