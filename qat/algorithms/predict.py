@@ -47,7 +47,7 @@ from scipy.special import ndtr
 from qat.algorithms.calibration import calibration_indices
 from qat.checks import Bits, Checked, Integer, ListOf, Nullable, Number, OneOf, rejected, setting
 from qat.errors import ConfigError, DataError
-from qat.layers.conv import conv_patches
+from qat.layers.conv import conv_patches, convolve
 from qat.layers.model import RECURRENT, QuantConfig, freeze_ranges, quantize_model, weight_tensor_names
 from qat.metrics import predict_classes
 from qat.quant.reference import fake_quant_np
@@ -195,8 +195,7 @@ def _forward(model, x, probes: Optional[dict] = None, record: Optional[dict] = N
         elif type(layer) in CONVOLUTIONS:
             if record is not None:
                 record[layer.name] = (conv_patches(layer, h), "conv")
-            z = layer.convolution_op(tf.pad(h, layer._compute_causal_padding(h)) if layer.padding == "causal" else h,
-                                     layer.kernel) + (layer.bias if layer.use_bias else 0.0)
+            z = convolve(layer, h, layer.kernel) + (layer.bias if layer.use_bias else 0.0)
             if probes is not None:
                 z = z + probes[layer.name]
             h = layer.activation(z)

@@ -51,7 +51,7 @@ def _zero_point_bytes(zero_point, spec) -> bytes:
     if spec.scheme == "symmetric":
         return b""
     zp = np.asarray(zero_point, np.float32)
-    if not np.array_equal(zp, np.round(zp)) or zp.min(initial=spec.qmin) < spec.qmin or zp.max(initial=spec.qmax) > spec.qmax:
+    if not np.array_equal(zp, np.round(zp)) or zp.min() < spec.qmin or zp.max() > spec.qmax:
         raise ValueError(f"zero points must be integers in [{spec.qmin}, {spec.qmax}] to be packed")
     return pack_bits(zp.astype(np.int64) - spec.qmin, spec.bits)
 

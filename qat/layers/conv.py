@@ -43,9 +43,7 @@ class _QStandardConv(_QConv):
         self._init_quantization(kernel_quant, bias_quant, input_quant, quantizer)
 
     def _apply(self, inputs, kernel):
-        if self._is_causal:
-            inputs = tf.pad(inputs, self._compute_causal_padding(inputs))
-        return self.convolution_op(inputs, kernel)
+        return convolve(self, inputs, kernel)
 
 
 @keras.saving.register_keras_serializable(package="qat")
@@ -76,15 +74,27 @@ class QDepthwiseConv2D(_QConv, keras.layers.DepthwiseConv2D):
                                               dilation_rate=self.dilation_rate, data_format=self.data_format)
 
 
+def kernel_name(layer) -> str:
+    """The attribute holding a layer's kernel: "depthwise_kernel" for a depthwise convolution."""
+    return "depthwise_kernel" if isinstance(layer, keras.layers.DepthwiseConv2D) else "kernel"
+
+
+def _causal(layer, x):
+    return tf.pad(x, layer._compute_causal_padding(x)) if layer.padding == "causal" else x
+
+
+def convolve(layer, x, kernel):
+    """What a Conv1D / Conv2D (float or quantized) computes from `x` with `kernel`, before its bias."""
+    return layer.convolution_op(_causal(layer, x), kernel)
+
+
 def conv_patches(layer, x):
     """The input patches a Conv1D / Conv2D (float or quantized) multiplies by its kernel: [batch,
     output positions, kernel positions x in] in the kernel's (positions..., in) order (im2col), so
     that patches @ kernel.reshape(-1, filters) is the convolution."""
     x = tf.convert_to_tensor(x)
     if layer.rank == 1:
-        if layer.padding == "causal":
-            x = tf.pad(x, layer._compute_causal_padding(x))
-        x = x[:, :, None, :]
+        x = _causal(layer, x)[:, :, None, :]
         sizes, strides, rates = (layer.kernel_size[0], 1), (layer.strides[0], 1), (layer.dilation_rate[0], 1)
     else:
         sizes, strides, rates = layer.kernel_size, layer.strides, layer.dilation_rate

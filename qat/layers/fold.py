@@ -16,6 +16,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from qat.errors import ConfigError
+from qat.layers.conv import kernel_name
 
 FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
 
@@ -45,16 +46,11 @@ def foldable_pairs(model) -> List[Tuple[object, object]]:
     return pairs
 
 
-def _kernel_name(layer) -> str:
-    return "depthwise_kernel" if isinstance(layer, keras.layers.DepthwiseConv2D) else "kernel"
-
-
 def folded_weights(layer, bn) -> Tuple[np.ndarray, np.ndarray]:
     """(kernel, bias) of `layer` with the batch norm `bn` folded in."""
-    kernel = getattr(layer, _kernel_name(layer)).numpy()
-    bias = layer.bias.numpy() if layer.use_bias else np.zeros(kernel.shape[-1] if not isinstance(
-        layer, keras.layers.DepthwiseConv2D) else kernel.shape[-2] * kernel.shape[-1], np.float32)
+    kernel = getattr(layer, kernel_name(layer)).numpy()
     mean, var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+    bias = layer.bias.numpy() if layer.use_bias else np.zeros_like(mean)
     gamma = bn.gamma.numpy() if bn.scale else np.ones_like(mean)
     beta = bn.beta.numpy() if bn.center else np.zeros_like(mean)
     s = (gamma / np.sqrt(var + bn.epsilon)).astype(np.float32)
@@ -98,7 +94,7 @@ def fold_batch_norms(model):
             continue
         if id(layer) in folded:
             kernel, bias = folded_weights(layer, folded[id(layer)])
-            getattr(clone, _kernel_name(clone)).assign(kernel)
+            getattr(clone, kernel_name(clone)).assign(kernel)
             clone.bias.assign(bias)
         elif layer.weights:
             clone.set_weights(layer.get_weights())

@@ -21,7 +21,7 @@ import tf_keras as keras
 from qat.checks import rejected
 from qat.errors import ConfigError
 from qat.layers.base import QuantizedLayer, float_source
-from qat.layers.conv import CONVOLUTIONS
+from qat.layers.conv import CONVOLUTIONS, kernel_name
 from qat.layers.dense import QDense
 from qat.layers.gru import QGRU
 from qat.layers.lstm import QLSTM
@@ -126,8 +126,7 @@ def _weight_names(layer) -> List[str]:
     if isinstance(layer, (*RECURRENT, QuantizedRNN)):
         names = ["kernel", "recurrent_kernel"] + (["bias"] if layer.use_bias else [])
     elif type(layer) in (keras.layers.Dense, QDense, *CONVOLUTIONS, *CONVOLUTIONS.values()):
-        kernel = "depthwise_kernel" if isinstance(layer, keras.layers.DepthwiseConv2D) else "kernel"
-        names = [kernel] + (["bias"] if layer.use_bias else [])
+        names = [kernel_name(layer)] + (["bias"] if layer.use_bias else [])
     else:
         return []
     return [f"{layer.name}/{n}" for n in names]
