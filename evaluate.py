@@ -5,6 +5,7 @@ results go to this command's own output folder.
     python evaluate.py run_dir=outputs/2026-11-23/12-00-00-none-b4-s0
     python evaluate.py run_dir=... quant=ptq bits=3
     python evaluate.py run_dir=... predict_only=true [max_drop=1.0] [verify=false]
+    python evaluate.py run_dir=... export=c      # an integer-mode run (quant.integer=true) as C99
 
 `predict_only=true` prints the predicted drop for bits 2..8, per tensor and per channel, from the
 run's float model and labelled validation clips (qat.algorithms.predict; seconds, nothing quantized
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from qat.config import job, logger_spec, quant_preset, run_spec, saved_config  # noqa: E402
 from qat.errors import ConfigError  # noqa: E402
-from qat.experiment import load_run, predict_saved_run, run_experiment  # noqa: E402
+from qat.experiment import export_saved_run, load_run, predict_saved_run, run_experiment  # noqa: E402
 from qat.tracking import start_run  # noqa: E402
 
 
@@ -48,6 +49,12 @@ def main(cfg: DictConfig) -> None:
     spec = run_spec(config, preset)
     if cfg.predict_only:
         print(predict_saved_run(spec, cfg.run_dir, cfg.max_drop, cfg.verify))
+        return
+    if cfg.export is not None:
+        r = export_saved_run(spec, cfg.run_dir, cfg.export)
+        print(f"C export in {os.path.join(cfg.run_dir, 'c')}: agreement with the numpy reference {r['agreement']}, "
+              f"{r['weight_bytes']} B flash, {r['ram_bytes']} B RAM, {r['macs_per_clip']} MACs, "
+              f"{r['us_per_clip']} us per clip (TFLite int8 interpreter: {r['tflite_int8_us_per_clip']:.1f} us)")
         return
     out_dir = HydraConfig.get().runtime.output_dir
     # The run's own W&B project / group / tags, so the evaluation sits next to it; mode from here.

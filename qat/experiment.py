@@ -15,14 +15,19 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from qat.algorithms.predict import MAX_DROP, PredictSpec, format_report, predict_run
-from qat.checks import Nullable
+from qat.algorithms.calibration import calibration_clips
+from qat.checks import Nullable, OneOf
 from qat.data.augment import training_data
 from qat.data.datasets import DataSpec
 from qat.data.features import Features, FeatureSpec, load_features, normalization_stats
 from qat.errors import ConfigError, DataError
+from qat.export.c_source import export_c
+from qat.export.integer import IntegerModel, integer_inputs
+from qat.export.packed import load_packed_model
+from qat.export.tflite import tflite_model
 from qat.io import make_dirs, write_json
 from qat.layers.fold import fold_batch_norms
-from qat.layers.model import check_quantizable
+from qat.layers.model import check_quantizable, freeze_ranges, quantize_model
 from qat.metrics import evaluate, plot_confusion
 from qat.recipes.base import RecipeContext, RecipeSpec
 from qat.tracking import Tracker
@@ -54,7 +59,7 @@ class RunSpec:
     verbose: int
 
     def __post_init__(self):
-        self.recipe.recipe.check_model(self.model)       # rules across the recipe and the model
+        self.recipe.recipe.check_model(self.model, self.recipe.options)   # rules across the recipe and the model
 
     def float_key(self, features_key: str) -> str:
         """What determines the float model: features, model, trainer (but not reuse) and seed."""
@@ -75,7 +80,9 @@ def user_model(spec: RunSpec):
         return None
     model = load_user_model(spec.model.path)
     if spec.recipe.method in QUANTIZING_METHODS:
-        check_quantizable(fold_batch_norms(model)[0], spec.model.keep_float)
+        folded = fold_batch_norms(model)[0]
+        check_quantizable(folded, spec.model.keep_float)
+        spec.recipe.recipe.check_float_model(folded, spec.recipe.bits, spec.recipe.options)
     return model
 
 
@@ -251,6 +258,41 @@ def load_saved_float_model(run_dir: str):
     except Exception as e:  # a truncated or foreign file: Keras raises many kinds of errors
         raise DataError(f"cannot load the float model in {folder} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}): the run folder is damaged; rerun train.py")
+
+
+EXPORTS = ("c",)
+
+
+def export_saved_run(spec: RunSpec, run_dir: str, export: str, tflite_clips: int = 100) -> Dict[str, Any]:
+    """`evaluate.py export=c`: the C99 export of a finished integer-mode run into `<run_dir>/c/`,
+    compiled and run on the test clips' int8 features (also left there as test_clips.i8 with
+    test_labels.u8), compared with the numpy reference; report.json adds the TFLite int8
+    interpreter's time per clip of the run's float model for comparison."""
+    OneOf(EXPORTS)("export", export)
+    summary = load_run(run_dir)
+    options = spec.recipe.options
+    if not getattr(options, "integer", False):
+        raise ConfigError(f"export=c is not allowed for run_dir={run_dir!r}: it is not an integer-mode run (expected "
+                          "a run of quant=ptq or quant=qat with quant.integer=true)")
+    packed = Path(run_dir) / f"model_{summary['bits']}bit.qlstm"
+    if not packed.exists():
+        raise DataError(f"run_dir={run_dir!r} has no packed model {packed.name}: the run folder is damaged")
+    feats = load_features(spec.data, spec.features, spec.cache_dir)
+    model, _ = load_saved_float_model(run_dir)
+    model = fold_batch_norms(model)[0]
+    qmodel = quantize_model(model, options.quant_config(spec.recipe.bits))
+    freeze_ranges(qmodel)
+    load_packed_model(qmodel, str(packed))
+    x8 = integer_inputs(qmodel, feats.x["test"])
+    out = Path(run_dir) / "c"
+    report = export_c(IntegerModel.load(str(packed)), x8, out)
+    x8.tofile(out / "test_clips.i8")
+    np.asarray(feats.y["test"], np.uint8).tofile(out / "test_labels.u8")
+    tflite, _ = tflite_model(model, "int8", calibration_clips(feats.x["train"], 200, spec.seed))
+    tflite.predict(feats.x["test"][:tflite_clips])
+    report["tflite_int8_us_per_clip"] = 1000 * float(np.median(tflite.latencies_ms))
+    write_json(out / "report.json", report)
+    return report
 
 
 def predict_saved_run(spec: RunSpec, run_dir: str, max_drop: Optional[float] = None, verify: bool = True) -> str:

@@ -6,13 +6,13 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
 from qat.errors import DataError
 from qat.io import atomic_path
-from qat.layers.model import leaf_layers, quantized_layers, quantized_weights
+from qat.layers.model import integer_layout, leaf_layers, quantized_layers, quantized_weights
 
 MAGIC = b"QLSTMPK2"
 OLDER = (b"QLSTMPK1",)   # formats this version no longer reads
@@ -56,18 +56,20 @@ def _zero_point_bytes(zero_point, spec) -> bytes:
     return pack_bits(zp.astype(np.int64) - spec.qmin, spec.bits)
 
 
-def write_packed(path: str, quantized: Dict[str, object], float_tensors: Dict[str, np.ndarray]) -> int:
+def write_packed(path: str, quantized: Dict[str, object], float_tensors: Dict[str, np.ndarray],
+                 meta: Optional[dict] = None) -> int:
     """Write quantized weights (name -> object with codes, scale, zero_point, spec; see
     qat.layers.model.quantized_weights) packed at their bit-width, plus the tensors left in float32
     (e.g. normalisation statistics), into one file. Written atomically. Returns its size in bytes.
 
-    Layout: MAGIC, u32 header length, JSON header, then the payloads at the offsets it lists. A
+    Layout: MAGIC, u32 header length, JSON header (the tensors and `meta`, e.g. the integer layout
+    of qat.layers.model.integer_layout), then the payloads at the offsets it lists. A
     quantized tensor's payload: its scales as float32 (one per quantization group, what the model
     computes with), its zero points (integers in [qmin, qmax]; absent for the symmetric scheme, where
     they are 0) and its codes, both packed at the tensor's bit-width offset by qmin so they are
     unsigned.
     """
-    header, payloads, offset = {"tensors": []}, [], 0
+    header, payloads, offset = {"tensors": [], **({"meta": meta} if meta else {})}, [], 0
 
     def add(entry, blob):
         nonlocal offset
@@ -94,8 +96,13 @@ def write_packed(path: str, quantized: Dict[str, object], float_tensors: Dict[st
     return path.stat().st_size
 
 
-def read_packed(path: str) -> Dict[str, object]:
-    """Read a file written by `write_packed`: name -> PackedTensor (quantized) or float32 array."""
+def read_packed_meta(path: str) -> dict:
+    """The `meta` a file written by `write_packed` carries ({} if none)."""
+    return _read(path)[0].get("meta", {})
+
+
+def _read(path: str):
+    """(header, payload bytes) of a packed file; DataError for a file of another kind or format."""
     raw = Path(path).read_bytes()
     if raw[: len(MAGIC)] in OLDER:
         raise DataError(f"{path} is a packed file of an older format ({raw[:len(MAGIC)]!r}): export it again with "
@@ -104,8 +111,12 @@ def read_packed(path: str) -> Dict[str, object]:
         raise DataError(f"{path} is not a packed weight file (expected it to start with {MAGIC!r})")
     (n,) = struct.unpack("<I", raw[len(MAGIC): len(MAGIC) + 4])
     start = len(MAGIC) + 4
-    header = json.loads(raw[start: start + n])
-    body = memoryview(raw)[start + n:]
+    return json.loads(raw[start: start + n]), memoryview(raw)[start + n:]
+
+
+def read_packed(path: str) -> Dict[str, object]:
+    """Read a file written by `write_packed`: name -> PackedTensor (quantized) or float32 array."""
+    header, body = _read(path)
     out = {}
     for t in header["tensors"]:
         blob = bytes(body[t["offset"]: t["offset"] + t["nbytes"]])
@@ -154,7 +165,8 @@ def write_packed_model(qmodel, path: str) -> int:
         if type(layer).__name__ == "Normalization" and not layer.weights:
             floats[f"{layer.name}/mean"] = np.asarray(layer.mean)
             floats[f"{layer.name}/variance"] = np.asarray(layer.variance)
-    return write_packed(path, quantized, floats)
+    layout = integer_layout(qmodel)
+    return write_packed(path, quantized, floats, {"integer": layout} if layout else None)
 
 
 def load_packed_model(qmodel, path: str) -> None:

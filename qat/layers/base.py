@@ -7,7 +7,8 @@ from typing import ClassVar, Dict, Iterable, Optional, Tuple
 import tensorflow as tf
 
 from qat.errors import ConfigError
-from qat.quant.quantizers import ActivationQuantizer, Strategy, WeightQuantizer, strategy_named
+from qat.quant.integer import IntegerMode
+from qat.quant.quantizers import LSQ, ActivationQuantizer, Strategy, WeightQuantizer, strategy_named
 from qat.quant.spec import QuantSpec
 
 
@@ -24,12 +25,20 @@ class QuantizedLayer:
     (qat.quant.quantizers.RANGE or LSQ)."""
 
     weight_names: ClassVar[Tuple[str, ...]] = ()
+    supports_integer: ClassVar[bool] = False    # has an integer mode (qat.layers.integer)
 
-    def _set_quantization(self, specs: Dict[str, Optional[QuantSpec]], quantizer) -> None:
+    def _set_quantization(self, specs: Dict[str, Optional[QuantSpec]], quantizer, integer=None) -> None:
         self.specs = {name: QuantSpec.from_config(spec) for name, spec in specs.items()}
         if not self.use_bias and self.specs.get("bias") is not None:
             raise ConfigError("bias quantization is not allowed with use_bias=False: the layer has no bias")
         self.strategy: Strategy = quantizer if isinstance(quantizer, Strategy) else strategy_named(quantizer)
+        self.integer: Optional[IntegerMode] = IntegerMode.of(integer)
+        if self.integer is not None and not self.supports_integer:
+            raise ConfigError(f"integer mode is not available for {type(self).__name__} layer '{self.name}': "
+                              "expected LSTM and Dense layers")
+        if self.integer is not None and self.strategy is LSQ:
+            raise ConfigError(f"integer mode is not allowed with learned step sizes (layer '{self.name}'): "
+                              "expected the range strategy (quant=qat or ptq)")
 
     def _build_quantizers(self, activations: Iterable[Tuple[Tuple[str, ...], str, int]]) -> None:
         """One weight quantizer per quantized weight, and for each (names, spec key, channels) one
@@ -72,7 +81,8 @@ class QuantizedLayer:
 
     def quantization_config(self) -> dict:
         """The quantization part of `get_config`."""
-        return {"quantizer": self.strategy.name,
+        integer = {} if self.integer is None else {"integer": self.integer.to_config()}
+        return {"quantizer": self.strategy.name, **integer,
                 **{f"{key}_quant": None if spec is None else spec.to_config() for key, spec in self.specs.items()}}
 
 
@@ -92,10 +102,16 @@ class FeedForwardQuantized(QuantizedLayer):
     def call(self, inputs):
         if "input" in self.activation_quantizers:
             inputs = self.activation_quantizers["input"](inputs)
+        if self.integer is not None:
+            return self.activation(self._integer_output(inputs))
         y = self._apply(inputs, self.quantized_weight(self.kernel_name))
         if self.use_bias:
             y = tf.nn.bias_add(y, self.quantized_weight("bias"))
         return self.activation(y) if self.activation is not None else y
+
+    def _integer_output(self, inputs):
+        """The pre-activation output in integer mode (layers with `supports_integer`)."""
+        raise NotImplementedError
 
     def calibration_values(self, inputs) -> dict:
         return {"input": tf.convert_to_tensor(inputs)}
@@ -106,5 +122,6 @@ class FeedForwardQuantized(QuantizedLayer):
     @classmethod
     def from_float(cls, layer, specs: dict, quantizer="range"):
         """An unbuilt quantized layer configured like the float layer (same name and config)."""
+        extra = {"integer": specs["integer"]} if specs.get("integer") is not None else {}
         return cls(kernel_quant=specs.get(cls.kernel_name), bias_quant=specs.get("bias"),
-                   input_quant=specs.get("input"), quantizer=quantizer, **layer.get_config())
+                   input_quant=specs.get("input"), quantizer=quantizer, **extra, **layer.get_config())

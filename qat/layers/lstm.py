@@ -25,6 +25,8 @@ from typing import Callable
 import tensorflow as tf
 import tf_keras as keras
 
+from qat.layers.integer import (IntegerLstmCell, input_grid, lstm_input_projection, lstm_recurrence,
+                                weight_codes)
 from qat.layers.recurrent import QuantizedRNN, time_loop
 from qat.quant.ops import fused_fake_quant
 
@@ -37,6 +39,7 @@ class QLSTM(QuantizedRNN):
     """LSTM with optional fake quantization of weights, input, gates and state (see module doc)."""
 
     weight_names = ("kernel", "recurrent_kernel", "bias")
+    supports_integer = True
     gate_names = GATES
     state_names = STATES
     float_type = keras.layers.LSTM
@@ -58,8 +61,30 @@ class QLSTM(QuantizedRNN):
                     b = self.bias_initializer((u,), dtype=dtype)
                     return tf.concat([b, tf.ones((u,), dtype=dtype), self.bias_initializer((2 * u,), dtype=dtype)], 0)
             self.bias = self.add_weight("bias", shape=(4 * u,), initializer=init)
-        self._build_activation_quantizers(features)
+        if self.integer is None:
+            self._build_activation_quantizers(features)
+        else:   # the input (first layer) and the cell state's range; gates and h sit on fixed grids
+            self._build_quantizers([(("input",), "input", features), (("state_c",), "state", u)])
         super().build(input_shape)
+
+    def _integer_hidden_states(self, x_hat):
+        """Integer mode (qat.layers.integer) over time-major inputs on the input grid."""
+        kernel, rec_kernel, bias = self._weights()
+        X, s_x = input_grid(self, x_hat)
+        k_codes, k_scale = weight_codes(self, "kernel", kernel)
+        r_codes, r_scale = weight_codes(self, "recurrent_kernel", rec_kernel)
+        zx = lstm_input_projection(X, s_x, k_codes, k_scale, bias)
+        qc = self.activation_quantizers["state_c"]
+        c_max = tf.reduce_max(tf.maximum(-tf.minimum(qc.lo, 0.0), tf.maximum(qc.hi, 0.0)))
+        cell = IntegerLstmCell(self.units, int(x_hat.shape[-1]), self.integer.act_bits, self.integer.state_bits)
+        (hs,) = self._loops(cell)(x_hat, zx, kernel, rec_kernel, bias, r_codes, r_scale, c_max)
+        return hs
+
+    @classmethod
+    def _recurrence(cls, *args):
+        if isinstance(args[-1], IntegerLstmCell):
+            return lstm_recurrence(*args)
+        return super()._recurrence(*args)
 
     def _cell(self, kinds: tuple, gated: bool) -> "_Cell":
         return _Cell(self.units, self.activation, self.recurrent_activation, kinds, gated)

@@ -26,6 +26,7 @@ from qat.layers.dense import QDense
 from qat.layers.gru import QGRU
 from qat.layers.lstm import QLSTM
 from qat.layers.recurrent import QuantizedRNN
+from qat.quant.integer import IntegerMode
 from qat.quant.quantizers import RANGE, Strategy
 from qat.quant.spec import QuantSpec
 
@@ -44,6 +45,8 @@ class QuantConfig:
     gates: Optional[QuantSpec] = None     # the gate activations: LSTM i, f, c, o; GRU z, r, h (act_bits)
     state: Optional[QuantSpec] = None     # LSTM cell state c and hidden state h; GRU h (state_bits)
     strategy: Strategy = RANGE            # qat.quant.quantizers.RANGE or LSQ (learned step sizes)
+    integer: bool = False                 # integer mode (qat.layers.integer): act_bits = inputs.bits, cell
+                                          # state at state.bits; weights symmetric, no bias spec
     overrides: Mapping[str, QuantSpec] = field(default_factory=dict)  # e.g. {"lstm/kernel": QuantSpec(3)}
 
     def __post_init__(self):
@@ -57,6 +60,8 @@ class QuantConfig:
         for name, spec in dict(self.overrides).items():
             if not isinstance(spec, QuantSpec):
                 raise rejected(f"QuantConfig.overrides[{name!r}]", spec, "a QuantSpec")
+        if self.integer and (self.inputs is None or self.state is None):
+            raise ConfigError("QuantConfig.integer=True needs `inputs` (act_bits) and `state` (cell-state bits) specs")
 
     @property
     def quantizes_activations(self) -> bool:
@@ -144,13 +149,82 @@ def float_weight(model, name: str) -> np.ndarray:
     return getattr(float_source(find_layer(model, layer)), weight).numpy()
 
 
-def _layer_specs(layer, cfg: QuantConfig) -> dict:
+INTEGER_TOPOLOGY = "Input -> [Normalization] -> LSTM (one or more) -> [Flatten] -> Dense"
+
+
+def integer_modes(model, cfg: QuantConfig) -> Dict[str, IntegerMode]:
+    """Layer name -> IntegerMode of every layer of `model` in integer mode (empty unless cfg.integer):
+    the first LSTM reads the model input through its input quantizer, every later layer the hidden
+    states of the LSTM below it. A one-line ConfigError for a model integer inference cannot run."""
+    if not cfg.integer:
+        return {}
+    act, state = cfg.inputs.bits, cfg.state.bits
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    modes: Dict[str, IntegerMode] = {}
+    sequence = False      # the last LSTM returns its whole sequence
+
+    def refuse(layer, why: str):
+        raise ConfigError(f"layer '{layer.name}' ({type(layer).__name__}) cannot run in integer mode ({why}): "
+                          f"expected {INTEGER_TOPOLOGY}")
+
+    for k, layer in enumerate(layers):
+        if isinstance(layer, keras.layers.Normalization) and not modes:
+            continue     # float statistics before the integer part: they shape the int8 input features
+        if type(layer) is keras.layers.LSTM:
+            if modes and not sequence:
+                refuse(layer, "the LSTM below it returns its last state only")
+            if layer.go_backwards:
+                refuse(layer, "it reads the clip backwards; the integer kernel streams frames forwards")
+            if (keras.activations.serialize(layer.cell.activation) != "tanh"
+                    or keras.activations.serialize(layer.cell.recurrent_activation) != "sigmoid"):
+                refuse(layer, "its activations are not tanh / sigmoid, the kernel's tables")
+            modes[layer.name] = IntegerMode(act, state, act if modes else None)
+            sequence = layer.return_sequences
+        elif type(layer) in (keras.layers.Flatten, keras.layers.Dropout) and modes:
+            sequence = sequence and type(layer) is keras.layers.Dropout
+        elif type(layer) is keras.layers.Dense and modes and k == len(layers) - 1 and not sequence:
+            if keras.activations.serialize(layer.activation) not in ("softmax", "linear"):
+                refuse(layer, "its activation is not softmax or linear")
+            modes[layer.name] = IntegerMode(act, state, act)
+        else:
+            refuse(layer, "not part of the integer topology here")
+    if not modes or type(layers[-1]) is not keras.layers.Dense:
+        raise ConfigError(f"model '{model.name}' cannot run in integer mode: expected {INTEGER_TOPOLOGY}")
+    return modes
+
+
+def integer_layout(qmodel) -> Optional[dict]:
+    """What integer inference of an integer-mode twin needs besides its tensors (None for other
+    models): the input shape, and per layer in order its kind (lstm / dense), name, units, mode and
+    sequence options; the first LSTM's input spec (its range is in the tensors)."""
+    layers = [layer for layer in quantized_layers(qmodel) if layer.integer is not None]
+    if not layers:
+        return None
+    out = []
+    for layer in layers:
+        entry = {"name": layer.name, "units": int(layer.units), **layer.integer.to_config()}
+        if isinstance(layer, QLSTM):
+            entry.update(kind="lstm", return_sequences=layer.return_sequences, go_backwards=layer.go_backwards)
+            if layer.integer.input_bits is None:
+                entry["input_spec"] = layer.specs["input"].to_config()
+        else:
+            entry.update(kind="dense", activation=keras.activations.serialize(layer.activation))
+        out.append(entry)
+    return {"input_shape": [int(d) for d in qmodel.inputs[0].shape[1:]], "layers": out}
+
+
+def _layer_specs(layer, cfg: QuantConfig, modes: Mapping[str, IntegerMode]) -> dict:
     names = {n.split("/")[-1]: n for n in _weight_names(layer)}
     specs = {w: cfg.overrides.get(full, cfg.bias if w == "bias" else cfg.weights) for w, full in names.items()}
     specs["input"] = cfg.inputs
+    mode = modes.get(layer.name)
+    if mode is not None:
+        specs["integer"] = mode
+        if mode.input_bits is not None:
+            specs["input"] = None
     if type(layer) in RECURRENT:
         specs.update(gate=cfg.gates, state=cfg.state)
-    elif cfg.inputs is not None and cfg.inputs.granularity == "per_channel":
+    elif specs["input"] is not None is not None and cfg.inputs.granularity == "per_channel":
         specs["input"] = replace(cfg.inputs, granularity="per_tensor")
     kernel = specs.get("depthwise_kernel")
     if type(layer) is keras.layers.DepthwiseConv2D and kernel is not None and kernel.granularity == "per_channel" \
@@ -160,14 +234,14 @@ def _layer_specs(layer, cfg: QuantConfig) -> dict:
 
 
 def _twin(layer, cfg: QuantConfig, name: str):
-    twin = RECURRENT[type(layer)].from_float(layer, _layer_specs(layer, cfg), cfg.strategy)
+    twin = RECURRENT[type(layer)].from_float(layer, _layer_specs(layer, cfg, {}), cfg.strategy)
     twin._name = name
     return twin
 
 
-def _clone(layer, cfg: QuantConfig):
+def _clone(layer, cfg: QuantConfig, modes: Mapping[str, IntegerMode]):
     if type(layer) in RECURRENT:
-        return RECURRENT[type(layer)].from_float(layer, _layer_specs(layer, cfg), cfg.strategy)
+        return RECURRENT[type(layer)].from_float(layer, _layer_specs(layer, cfg, modes), cfg.strategy)
     if type(layer) is keras.layers.Bidirectional and type(layer.forward_layer) in RECURRENT:
         # Bidirectional names its layers forward_<name> / backward_<name> itself
         fw, bw = layer.forward_layer, layer.backward_layer
@@ -175,7 +249,7 @@ def _clone(layer, cfg: QuantConfig):
                                           backward_layer=_twin(bw, cfg, bw.name[len("backward_"):]),
                                           merge_mode=layer.merge_mode, name=layer.name)
     if type(layer) in TWINS:
-        return TWINS[type(layer)].from_float(layer, _layer_specs(layer, cfg), cfg.strategy)
+        return TWINS[type(layer)].from_float(layer, _layer_specs(layer, cfg, modes), cfg.strategy)
     return layer.__class__.from_config(layer.get_config())
 
 
@@ -220,7 +294,8 @@ def quantize_model(float_model, cfg: QuantConfig):
     unknown = sorted(set(cfg.overrides) - set(valid))
     if unknown:
         raise ConfigError(f"override name(s) {unknown} are not allowed: expected names among {valid}")
-    qmodel = keras.models.clone_model(float_model, clone_function=lambda layer: _clone(layer, cfg))
+    modes = integer_modes(float_model, cfg)
+    qmodel = keras.models.clone_model(float_model, clone_function=lambda layer: _clone(layer, cfg, modes))
     for layer in leaf_layers(float_model):
         twin = find_layer(qmodel, layer.name)
         if isinstance(twin, QuantizedLayer):

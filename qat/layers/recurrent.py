@@ -74,7 +74,7 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
                  bias_initializer="zeros", kernel_quant: Optional[QuantSpec] = None,
                  recurrent_kernel_quant: Optional[QuantSpec] = None, bias_quant: Optional[QuantSpec] = None,
                  input_quant: Optional[QuantSpec] = None, gate_quant: Optional[QuantSpec] = None,
-                 state_quant: Optional[QuantSpec] = None, quantizer="range", **kwargs):
+                 state_quant: Optional[QuantSpec] = None, quantizer="range", integer=None, **kwargs):
         super().__init__(**kwargs)
         self.units = int(units)
         self.activation = keras.activations.get(activation)
@@ -89,7 +89,7 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self._set_quantization({"kernel": kernel_quant, "recurrent_kernel": recurrent_kernel_quant,
                                 "bias": bias_quant, "input": input_quant, "gate": gate_quant,
-                                "state": state_quant}, quantizer)
+                                "state": state_quant}, quantizer, integer)
         # Traced loops, set past Keras' attribute tracking: they are code, not state to save.
         object.__setattr__(self, "_loops", LoopCache(type(self)._recurrence))
         object.__setattr__(self, "_traced_intermediates", tf.function(type(self)._intermediates, autograph=False,
@@ -111,6 +111,10 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
 
     @staticmethod
     def _intermediates(x, kernel, rec_kernel, bias, cell):
+        raise NotImplementedError
+
+    def _integer_hidden_states(self, x_hat):
+        """The time-major hidden states in integer mode (layers with `supports_integer`)."""
         raise NotImplementedError
 
     def _cell(self, kinds: tuple, gated: bool):
@@ -145,6 +149,8 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
             # As Keras' fused recurrent kernels: a fresh mask for every time step, not one per sequence.
             x = tf.nn.dropout(x, rate=self.dropout)
         x = self._time_major(x)
+        if self.integer is not None:
+            return self._integer_hidden_states(x)
         rec_mask = None
         if training and self.recurrent_dropout > 0:
             rec_mask = tf.nn.dropout(tf.ones((tf.shape(x)[1], self.units), x.dtype), rate=self.recurrent_dropout)
@@ -191,6 +197,9 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
         """One frame [B, F] through the layer at inference, from carried `states` (initial_states
         first): (h_t, new states). Over a clip it computes what `call` computes; `gated=False` (all
         loop quantizers calibrated, see `calibrated`) is the loop `call` runs then."""
+        if self.integer is not None:
+            raise ConfigError(f"layer '{self.name}' runs in integer mode, which streams in the integer reference "
+                              "(qat.export.integer) and the C kernel, not frame by frame in TensorFlow")
         x_t = tf.convert_to_tensor(x_t, self.compute_dtype)
         q_in = self.activation_quantizers.get("input")
         x_t = x_t if q_in is None else q_in(x_t)
@@ -248,6 +257,6 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
                    use_bias=cell.use_bias, return_sequences=layer.return_sequences,
                    go_backwards=layer.go_backwards, dropout=cell.dropout,
                    recurrent_dropout=cell.recurrent_dropout, quantizer=quantizer, name=layer.name,
-                   **cls._float_options(layer),
+                   **cls._float_options(layer), integer=specs.get("integer"),
                    **{f"{key}_quant": specs.get(key) for key in ("kernel", "recurrent_kernel", "bias", "input",
                                                                  "gate", "state")})

@@ -19,7 +19,10 @@ from qat.checks import Bits, Checked, Flag, Integer, Nullable, OneOf, setting
 from qat.data.datasets import DataSpec
 from qat.data.features import Features, FeatureSpec
 from qat.errors import ConfigError
-from qat.layers.model import QuantConfig
+from qat.export.c_source import export_c
+from qat.export.integer import IntegerModel, integer_inputs, integer_summary
+from qat.layers.model import INTEGER_TOPOLOGY, QuantConfig, integer_modes
+from qat.quant.integer import ACT_BITS, STATE_BITS
 from qat.quant.quantizers import RANGE, Strategy
 from qat.quant.spec import ESTIMATOR, GRANULARITY, PERCENTILE, SCHEME, QuantSpec
 from qat.tracking import Tracker
@@ -63,9 +66,12 @@ class QuantOptions(Checked):
     act_granularity: str = setting(GRANULARITY)   # activations and state: per_tensor | per_channel (feature / unit)
     act_estimator: str = setting(ESTIMATOR)
     calibration_size: int = setting(Integer(1))   # training clips that calibrate activation / state ranges
+    integer: bool = setting(Flag())               # integer-only inference (qat.layers.integer), see integer_config
 
     def quant_config(self, bits: BitWidths, strategy: Strategy = RANGE) -> QuantConfig:
         """The QuantConfig these options describe at these bit-widths."""
+        if self.integer:
+            return self.integer_config(bits, strategy)
         weights = QuantSpec(bits.bits, self.scheme, self.granularity, -1, self.estimator, self.percentile,
                             self.narrow_range)
         bias = QuantSpec(bits.bits, self.scheme, "per_tensor", -1, "minmax", narrow_range=self.narrow_range) \
@@ -74,6 +80,37 @@ class QuantOptions(Checked):
                                                         self.act_estimator, self.percentile)
         return QuantConfig(weights=weights, bias=bias, inputs=act(bits.act_bits), gates=act(bits.act_bits),
                            state=act(bits.state_bits), strategy=strategy)
+
+    def integer_config(self, bits: BitWidths, strategy: Strategy) -> QuantConfig:
+        """Integer mode: what the integer kernel computes with. Weights symmetric (no zero points) at
+        `bits` with `granularity` and `estimator`; the model input per tensor asymmetric at act_bits;
+        gates and hidden state on act_bits grids; the cell state at state_bits (16 when null) with a
+        power-of-two scale from its calibrated range (act_estimator); biases int32. `scheme`,
+        `act_scheme`, `act_granularity` and `bias` do not apply."""
+        if bits.act_bits is None:
+            raise ConfigError("quant.integer=true needs act_bits: expected act_bits=2..8 (the integer kernel's "
+                              "inputs, gates and hidden state)")
+        act_bits = ACT_BITS("act_bits", bits.act_bits)
+        state_bits = STATE_BITS("state_bits", 16 if bits.state_bits is None else bits.state_bits)
+        if strategy is not RANGE:
+            raise ConfigError(f"quant.integer=true is not allowed with learned step sizes ({strategy.name}): "
+                              "expected quant=qat or quant=ptq")
+        weights = QuantSpec(bits.bits, "symmetric", self.granularity, -1, self.estimator, self.percentile,
+                            self.narrow_range)
+        return QuantConfig(weights=weights, inputs=QuantSpec(act_bits, "asymmetric", "per_tensor", -1,
+                                                             self.act_estimator, self.percentile),
+                           state=QuantSpec(state_bits, "symmetric", "per_tensor", -1, self.act_estimator,
+                                           self.percentile), strategy=strategy, integer=True)
+
+
+def integer_results(qmodel, packed: Path, feats: Features, run_dir: Path) -> Dict[str, Any]:
+    """`integer/*` summary keys of an integer-mode run: the numpy reference from the packed file
+    against the fake-quant model on the test clips, and the C export (run_dir/c) compiled, run and
+    compared with the reference where a C compiler exists."""
+    summary = integer_summary(qmodel, packed, feats.x["test"], feats.y["test"])
+    report = export_c(IntegerModel.load(str(packed)), integer_inputs(qmodel, feats.x["test"]), run_dir / "c")
+    summary.update({"integer/c_agreement": report["agreement"], "integer/c_us_per_clip": report["us_per_clip"]})
+    return summary
 
 
 @dataclass
@@ -125,8 +162,19 @@ class Recipe:
         if isinstance(options, QuantOptions):
             options.quant_config(bits)
 
-    def check_model(self, model: ModelSpec) -> None:
-        """Rules on the model the recipe will get (ConfigError), checked before any data is read."""
+    def check_model(self, model: ModelSpec, options) -> None:
+        """Rules on the model the recipe will get (ConfigError), checked before any data is read (a
+        user's saved model: `check_float_model` once it is loaded)."""
+        if getattr(options, "integer", False) and model.path is None and (
+                model.cell != "lstm" or model.bidirectional or model.conv_filters):
+            raise ConfigError(f"quant.integer=true is not allowed with model.cell={model.cell}, model.bidirectional="
+                              f"{str(model.bidirectional).lower()}, model.conv_filters={model.conv_filters}: "
+                              f"expected {INTEGER_TOPOLOGY} (model=lstm)")
+
+    def check_float_model(self, float_model, bits: BitWidths, options) -> None:
+        """Rules on a loaded float model (the user's), before any data is read."""
+        if isinstance(options, QuantOptions) and options.integer:
+            integer_modes(float_model, options.quant_config(bits))
 
     def run(self, ctx: RecipeContext, options) -> RecipeResult:
         raise NotImplementedError

@@ -26,7 +26,8 @@ from qat.checks import Flag, Integer, Number, setting
 from qat.export.packed import write_packed_model
 from qat.layers.model import freeze_ranges, quantize_model
 from qat.metrics import predict
-from qat.recipes.base import BitWidths, QuantOptions, Recipe, RecipeContext, RecipeResult, register
+from qat.recipes.base import (BitWidths, QuantOptions, Recipe, RecipeContext, RecipeResult, integer_results,
+                              register)
 
 ESTIMATOR_CANDIDATES = ("minmax", "mse")
 
@@ -54,7 +55,10 @@ def quantize_weights(model, opts: QuantOptions, bits: BitWidths, calib: np.ndarr
                      damp: float, bias_correction: bool):
     """The fake-quant twin with its weights rounded (nearest, or GPTQ) and optionally bias-corrected.
     Returns (qmodel, bias-correction sizes)."""
-    qmodel = quantize_model(model, opts.quant_config(bits))
+    cfg = opts.quant_config(bits)
+    qmodel = quantize_model(model, cfg)
+    if cfg.integer:    # the integer forward pass GPTQ and bias correction see needs the input grid
+        calibrate(qmodel, batches(calib))
     if use_gptq:
         freeze_ranges(qmodel)
         gptq(model, qmodel, calib, damp)
@@ -97,6 +101,8 @@ class Ptq(Recipe):
         summary.update(report_summary(report, qmodel))
         packed = ctx.run_dir / f"model_{bits.bits}bit.qlstm"
         summary["quant/size_bytes"] = write_packed_model(qmodel, packed)
+        if opts.integer:
+            summary.update(integer_results(qmodel, packed, feats, ctx.run_dir))
         ctx.tracker.table("quant/weight_error", REPORT_COLUMNS, report_rows(report))
         return RecipeResult(qmodel, summary, {"packed": packed})
 

@@ -29,7 +29,8 @@ from qat.export.packed import load_packed_model, write_packed_model
 from qat.layers.model import QuantConfig, find_layer, freeze_ranges, leaf_layers, quantize_model
 from qat.metrics import predict_classes
 from qat.quant.quantizers import LSQ, RANGE, Strategy
-from qat.recipes.base import BitWidths, QuantOptions, Recipe, RecipeContext, RecipeResult, register
+from qat.recipes.base import (BitWidths, QuantOptions, Recipe, RecipeContext, RecipeResult, integer_results,
+                              register)
 from qat.training.fit import fit, set_seed
 
 
@@ -101,6 +102,7 @@ class Qat(Recipe):
 
     def check(self, opts: QatOptions, bits: BitWidths) -> None:
         super().check(opts, bits)
+        opts.quant_config(bits, opts.strategy)      # the strategy's own rules (integer mode: not LSQ)
         progressive = list(opts.progressive_bits)
         if any(b <= bits.bits for b in progressive):
             raise rejected("quant.progressive_bits", progressive,
@@ -147,6 +149,8 @@ class Qat(Recipe):
                         "qat/best_epoch": history[-1]["best_epoch"]})
         summary["qat/packed_matches"] = packed_predictions_match(qmodel, model, opts.quant_config(bits, opts.strategy),
                                                                  path, feats.x["test"])
+        if opts.integer:
+            summary.update(integer_results(qmodel, path, feats, ctx.run_dir))
         ctx.tracker.table("quant/weight_error", REPORT_COLUMNS, report_rows(report))
         return RecipeResult(qmodel, summary, {"packed": path})
 

@@ -24,13 +24,13 @@ class QatTfmot(Recipe):
     def check(self, opts: QatOptions, bits: BitWidths) -> None:
         super().check(opts, bits)
         unsupported = {"state_bits": bits.state_bits, "quant.progressive_bits": list(opts.progressive_bits) or None,
-                       "quant.learned": opts.learned or None, "quant.freeze_ranges_after": opts.freeze_ranges_after}
+                       "quant.learned": opts.learned or None, "quant.integer": opts.integer or None, "quant.freeze_ranges_after": opts.freeze_ranges_after}
         for name, value in unsupported.items():
             if value is not None:
                 raise ConfigError(f"{name}={value} is not allowed with quant.method={self.name}: tfmot cannot do it "
                                   "(use quant=qat or quant=qat_lsq)")
 
-    def check_model(self, model: ModelSpec) -> None:
+    def check_model(self, model: ModelSpec, options) -> None:
         if model.bidirectional:
             raise ConfigError(f"model.bidirectional=true is not allowed with quant.method={self.name}: tfmot has no "
                               "QuantizeConfig for Bidirectional (use quant=qat or quant=qat_lsq)")
