@@ -92,37 +92,42 @@ static int32_t code_at(const qlstm_codes_t *w, int32_t i) {
     return (int32_t)(v & ((1u << w->bits) - 1u)) + w->qmin;
 }
 
-/* acc[j] += x[k] * W[row0 + k][j] for k < n_in, j < n_out */
+/* acc[j] += x[k] * W[row0 + k][j] for k < n_in, j < n_out. Rows of 2-, 4- and 8-bit codes that start
+   on a byte go four at a time (each accumulator loaded and stored once per four products; the qmin
+   offset of the stored codes added once per four rows); other widths code by code. */
 static void accumulate(const qlstm_codes_t *w, int32_t row0, const int8_t *x, int16_t n_in, int16_t n_out,
                        int32_t *acc) {
-    int16_t k, j;
-    for (k = 0; k < n_in; k++) {
-        int32_t xk = x[k];
-        int32_t base = (row0 + k) * (int32_t)n_out;
-        if (xk == 0) continue;
-        if (w->bits == 4 && (base & 1) == 0 && (n_out & 1) == 0) {   /* two codes per byte */
-            const uint8_t *row = w->data + (base >> 1);
-            int32_t q = w->qmin;
-            for (j = 0; j < n_out; j += 2) {
-                uint8_t b = row[j >> 1];
-                acc[j] += xk * ((int32_t)(b & 15u) + q);
-                acc[j + 1] += xk * ((int32_t)(b >> 4) + q);
+    int16_t k = 0;
+    int32_t j, q = w->qmin, bits = w->bits;
+    int32_t stride = (int32_t)n_out * bits / 8;     /* bytes per row when rows are byte-aligned */
+    if ((bits == 2 || bits == 4 || bits == 8) && ((int32_t)n_out * bits) % 8 == 0) {
+        for (; k + 4 <= n_in; k += 4) {
+            const uint8_t *r0 = w->data + (row0 + k) * stride;
+            const uint8_t *r1 = r0 + stride, *r2 = r1 + stride, *r3 = r2 + stride;
+            int32_t x0 = x[k], x1 = x[k + 1], x2 = x[k + 2], x3 = x[k + 3];
+            int32_t offset = q * (x0 + x1 + x2 + x3);
+            if (bits == 8) {
+                for (j = 0; j < n_out; j++) acc[j] += x0 * r0[j] + x1 * r1[j] + x2 * r2[j] + x3 * r3[j] + offset;
+            } else if (bits == 4) {
+                for (j = 0; j < stride; j++) {
+                    acc[2 * j] += x0 * (r0[j] & 15) + x1 * (r1[j] & 15) + x2 * (r2[j] & 15) + x3 * (r3[j] & 15)
+                                  + offset;
+                    acc[2 * j + 1] += x0 * (r0[j] >> 4) + x1 * (r1[j] >> 4) + x2 * (r2[j] >> 4) + x3 * (r3[j] >> 4)
+                                      + offset;
+                }
+            } else {
+                int s;
+                for (j = 0; j < stride; j++)
+                    for (s = 0; s < 4; s++)
+                        acc[4 * j + s] += x0 * ((r0[j] >> (2 * s)) & 3) + x1 * ((r1[j] >> (2 * s)) & 3)
+                                          + x2 * ((r2[j] >> (2 * s)) & 3) + x3 * ((r3[j] >> (2 * s)) & 3) + offset;
             }
-        } else if (w->bits == 8) {
-            for (j = 0; j < n_out; j++) acc[j] += xk * ((int32_t)w->data[base + j] + w->qmin);
-        } else if (w->bits == 2 && (base & 3) == 0 && (n_out & 3) == 0) {   /* four codes per byte */
-            const uint8_t *row = w->data + (base >> 2);
-            int32_t q = w->qmin;
-            for (j = 0; j < n_out; j += 4) {
-                uint8_t b = row[j >> 2];
-                acc[j] += xk * ((int32_t)(b & 3u) + q);
-                acc[j + 1] += xk * ((int32_t)((b >> 2) & 3u) + q);
-                acc[j + 2] += xk * ((int32_t)((b >> 4) & 3u) + q);
-                acc[j + 3] += xk * ((int32_t)(b >> 6) + q);
-            }
-        } else {
-            for (j = 0; j < n_out; j++) acc[j] += xk * code_at(w, base + j);
         }
+    }
+    for (; k < n_in; k++) {
+        int32_t xk = x[k], base = (row0 + k) * (int32_t)n_out;
+        if (xk == 0) continue;
+        for (j = 0; j < n_out; j++) acc[j] += xk * code_at(w, base + j);
     }
 }
 
