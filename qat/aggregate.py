@@ -24,7 +24,13 @@ SUMMARY = "summary.json"
 GROUP_KEYS = ("data", "task", "recipe", "bits", "act_bits", "state_bits")
 OPTION_PREFIX = "options/"
 FIGURES = ("quant/test_acc", "quant/degradation", "float/test_acc", "quant/test_balanced_acc",
-           "quant/size_bytes", "quant/latency_ms", "predict/degradation")
+           "quant/size_bytes", "quant/latency_ms", "predict/degradation", "integer/agreement", "integer/c_agreement",
+           "integer/weight_bytes", "integer/ram_bytes", "integer/macs_per_clip", "integer/c_us_per_clip")
+# columns shown where some run has the figure: (key, title, scale)
+OPTIONAL_COLUMNS = (("predict/degradation", "predicted drop (pts)", 1.0), ("quant/latency_ms", "latency (ms)", 1.0),
+                    ("integer/agreement", "integer agreement %", 100.0), ("integer/c_agreement", "C agreement %", 100.0),
+                    ("integer/weight_bytes", "flash (KiB)", 1 / 1024), ("integer/ram_bytes", "RAM (B)", 1.0),
+                    ("integer/macs_per_clip", "MACs / clip (M)", 1e-6), ("integer/c_us_per_clip", "C us / clip", 1.0))
 
 
 @dataclass
@@ -113,9 +119,8 @@ def markdown(rows: List[Dict[str, Any]], incomplete: List[str]) -> str:
     """The table as markdown: accuracies in %, degradation in points, mean ± sd over seeds."""
     pm = lambda row, fig, scale=100.0: (f"{scale * row[f'{fig}/mean']:.2f} ± {scale * row[f'{fig}/sd']:.2f}"
                                         if not math.isnan(row[f"{fig}/mean"]) else "n/a")
-    optional = [(fig, title, scale) for fig, title, scale in
-                 (("predict/degradation", "predicted drop (pts)", 1.0), ("quant/latency_ms", "latency (ms)", 1.0))
-                 if any(not math.isnan(r[f"{fig}/mean"]) for r in rows)]
+    optional = [(fig, title, scale) for fig, title, scale in OPTIONAL_COLUMNS
+                if any(not math.isnan(r[f"{fig}/mean"]) for r in rows)]
     lines = ["| data | recipe | bits | act | state | n | float acc % | quant acc % | degradation (pts) | "
              + "".join(f"{title} | " for _, title, _ in optional) + "size (KiB) |",
              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(optional) + "---|"]

@@ -238,3 +238,18 @@ def test_integer_qat_run_then_c_export(speech_commands_root, tmp_path):
     assert report["tflite_int8_us_per_clip"] > 0 and (tmp_path / "int" / "c" / "test_clips.i8").exists()
     bad = run("evaluate.py", f"run_dir={tmp_path / 'int'}", "export=h", f"hydra.run.dir={tmp_path / 'eval2'}")
     assert bad.returncode == 2 and "export='h' is not allowed: expected one of c" in bad.stderr
+
+
+def test_aggregate_table_shows_the_integer_cost_figures():
+    from qat.aggregate import label_recipes, markdown, table
+    runs = [{"data": "fsdd", "task": None, "preset": "qat", "method": "qat", "bits": 4, "act_bits": 8,
+             "state_bits": 16, "seed": s, "float/test_acc": 0.9, "quant/test_acc": 0.9, "quant/degradation": 0.0,
+             "quant/size_bytes": 100, "integer/agreement": 1.0, "integer/c_agreement": 1.0,
+             "integer/weight_bytes": 2048, "integer/ram_bytes": 300 + s, "integer/macs_per_clip": 2e6,
+             "integer/c_us_per_clip": 10.0 * (s + 1)} for s in range(2)]
+    label_recipes(runs)
+    text = markdown(table(runs), [])
+    header, _, row = text.splitlines()[:3]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["integer agreement %"] == "100.00 ± 0.00" and cells["flash (KiB)"] == "2.00 ± 0.00"
+    assert cells["RAM (B)"] == "300.50 ± 0.71" and cells["C us / clip"] == "15.00 ± 7.07"

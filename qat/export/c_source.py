@@ -49,8 +49,9 @@ typedef struct {
     int8_t cell_exponent;                 /* the cell state's scale is 2^cell_exponent */
     qlstm_codes_t kernel, recurrent;      /* [inputs][4 units], [units][4 units] */
     const int32_t *bias;                  /* 4 units, at the input accumulator's scale */
-    const int32_t *m_x; const uint8_t *n_x; uint16_t n_m_x;    /* input accumulator -> Q3.12 */
-    const int32_t *m_h; const uint8_t *n_h; uint16_t n_m_h;    /* recurrent accumulator -> Q3.12 */
+    /* requantization factors m * 2^-n as (n << 24) | m, one per unit or one per tensor */
+    const uint32_t *rq_x; uint16_t n_rq_x;                      /* input accumulator -> Q3.12 */
+    const uint32_t *rq_h; uint16_t n_rq_h;                      /* recurrent accumulator -> Q3.12 */
     const uint8_t *sigmoid; const int8_t *tanh;                 /* 2^QLSTM_TABLE_BITS entries each */
     int8_t *h; int16_t *c; int32_t *acc_x; int32_t *acc_h;      /* state and scratch */
 } qlstm_layer_t;
@@ -60,7 +61,7 @@ typedef struct {
     uint8_t every_step;                   /* 1: Flatten over the whole sequence, 0: the last state */
     qlstm_codes_t kernel;
     const int32_t *bias;
-    const int32_t *m; const uint8_t *n; uint16_t n_m;
+    const uint32_t *rq; uint16_t n_rq;    /* int32 logits: (n << 24) | m per unit or per tensor */
     int32_t *acc;
 } qlstm_dense_t;
 
@@ -133,10 +134,12 @@ static void accumulate(const qlstm_codes_t *w, int32_t row0, const int8_t *x, in
 
 static int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-/* round(acc * m / 2^n), half away from zero, acc saturated to int32 */
-static int64_t requantize(int64_t acc, int32_t m, uint8_t n) {
+/* round(acc * m / 2^n), half away from zero, acc saturated to int32; rq = (n << 24) | m */
+static int64_t requantize(int64_t acc, uint32_t rq) {
+    int64_t m = (int64_t)(rq & 0xFFFFFFu);
+    int n = (int)(rq >> 24);
     int64_t a = clamp64(acc, -2147483647 - 1, 2147483647);
-    int64_t p = (a < 0 ? -a : a) * (int64_t)m;
+    int64_t p = (a < 0 ? -a : a) * m;
     int64_t r = (p + ((int64_t)1 << (n - 1))) >> n;
     return a < 0 ? -r : r;
 }
@@ -161,9 +164,8 @@ static void lstm_step(qlstm_layer_t *L, const int8_t *x) {
     accumulate(&L->kernel, 0, x, L->inputs, g, L->acc_x);
     accumulate(&L->recurrent, 0, L->h, u, g, L->acc_h);
     for (j = 0; j < g; j++) {
-        int jx = L->n_m_x > 1 ? j : 0, jh = L->n_m_h > 1 ? j : 0;
-        int64_t zx = clamp64(requantize(L->acc_x[j], L->m_x[jx], L->n_x[jx]), -32768, 32767);
-        int64_t zh = clamp64(requantize(L->acc_h[j], L->m_h[jh], L->n_h[jh]), -32768, 32767);
+        int64_t zx = clamp64(requantize(L->acc_x[j], L->rq_x[L->n_rq_x > 1 ? j : 0]), -32768, 32767);
+        int64_t zh = clamp64(requantize(L->acc_h[j], L->rq_h[L->n_rq_h > 1 ? j : 0]), -32768, 32767);
         L->acc_x[j] = table_index(clamp64(zx + zh, -32768, 32767));
     }
     for (j = 0; j < u; j++) {
@@ -195,8 +197,7 @@ void qlstm_frame(const qlstm_model_t *model, const int8_t *frame, int16_t t, int
     else if (t == model->steps - 1) accumulate(&d->kernel, 0, x, d->inputs, d->units, d->acc);
     if (t == model->steps - 1)
         for (j = 0; j < d->units; j++) {
-            int jm = d->n_m > 1 ? j : 0;
-            logits[j] = (int32_t)requantize(d->acc[j], d->m[jm], d->n[jm]);
+            logits[j] = (int32_t)requantize(d->acc[j], d->rq[d->n_rq > 1 ? j : 0]);
         }
 }
 
@@ -259,7 +260,8 @@ def _codes(name: str, codes: np.ndarray, bits: int) -> str:
 
 
 def _requant(prefix: str, m, n) -> str:
-    return _array("int32_t", f"{prefix}_m", m) + _array("uint8_t", f"{prefix}_n", n)
+    """Requantization factors m * 2^-n (m < 2^24, n < 2^8) packed as (n << 24) | m."""
+    return _array("uint32_t", f"{prefix}_rq", (np.asarray(n, np.int64) << 24) | np.asarray(m, np.int64))
 
 
 def model_source(model: IntegerModel) -> Dict[str, str]:
@@ -287,7 +289,7 @@ def model_source(model: IntegerModel) -> Dict[str, str]:
             f"    {{{layer.kernel.shape[0]}, {layer.units}, {a}, {layer.state_bits}, {layer.cell_exponent},\n"
             f"     {{{p}_kernel, {layer.weight_bits[0]}, {-(2 ** (layer.weight_bits[0] - 1))}}}, "
             f"{{{p}_recurrent, {layer.weight_bits[1]}, {-(2 ** (layer.weight_bits[1] - 1))}}},\n"
-            f"     {p}_bias, {p}_x_m, {p}_x_n, {len(layer.m_x)}, {p}_h_m, {p}_h_n, {len(layer.m_h)},\n"
+            f"     {p}_bias, {p}_x_rq, {len(layer.m_x)}, {p}_h_rq, {len(layer.m_h)},\n"
             f"     sigmoid_a{a}, tanh_a{a}, {p}_h_state, {p}_c_state, {p}_acc_x, {p}_acc_h}}")
     last = model.lstms[-1]
     every_step = int(last.return_sequences)
@@ -296,7 +298,7 @@ def model_source(model: IntegerModel) -> Dict[str, str]:
              _requant("dense", d.m, d.n), f"static int32_t dense_acc[{d.units}];\n",
              "static qlstm_layer_t layers[] = {\n" + ",\n".join(layer_inits) + "\n};\n",
              f"static qlstm_dense_t dense = {{{step_inputs}, {d.units}, {every_step}, "
-             f"{{dense_kernel, {d.weight_bits}, {-(2 ** (d.weight_bits - 1))}}}, dense_bias, dense_m, dense_n, "
+             f"{{dense_kernel, {d.weight_bits}, {-(2 ** (d.weight_bits - 1))}}}, dense_bias, dense_rq, "
              f"{len(d.m)}, dense_acc}};\n",
              f"const qlstm_model_t qlstm_model = {{{steps}, {features}, {len(model.lstms)}, layers, &dense}};\n"]
     header = (f"/* One integer-mode model (generated by qat.export.c_source). */\n#ifndef QLSTM_MODEL_H\n"

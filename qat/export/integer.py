@@ -156,12 +156,12 @@ class IntegerModel:
     # ------------------------------------------------------------------ cost figures
 
     def weight_bytes(self) -> Dict[str, int]:
-        """Flash of the C export: packed codes, int32 biases, requantization multipliers (int32) and
-        shifts (int8), the sigmoid / tanh tables (int8, one pair per gate bit-width)."""
+        """Flash of the C export: packed codes, int32 biases, requantization factors (multiplier and
+        shift in one uint32), the sigmoid / tanh tables (int8, one pair per gate bit-width)."""
         requant = sum(len(l.m_x) + len(l.m_h) for l in self.lstms) + len(self.dense.m)
         biases = sum(len(l.bias) for l in self.lstms) + len(self.dense.bias)
         tables = 2 * 2 ** iq.TABLE_BITS * len({l.act_bits for l in self.lstms})
-        parts = {"codes": self.weight_code_bytes, "biases": 4 * biases, "requant": 5 * requant, "tables": tables}
+        parts = {"codes": self.weight_code_bytes, "biases": 4 * biases, "requant": 4 * requant, "tables": tables}
         return {**parts, "total": sum(parts.values())}
 
     def ram_bytes(self) -> int:
