@@ -82,12 +82,16 @@ def test_cell_exponent_is_the_smallest_power_of_two_range_holding_c_max(c_max, b
 
 # ------------------------------------------------------------------------------- the integer model
 
-def _model(stacked: bool, last_state: bool = False):
+CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
+
+
+def _model(stacked: bool, last_state: bool = False, cells=("lstm", "lstm")):
+    """[Normalization] -> [cells[0](12)] -> cells[1](9) -> [Flatten] -> Dense(4, softmax)."""
     inp = keras.Input((10, 7))
     x = keras.layers.Normalization(mean=np.full(7, 0.1), variance=np.full(7, 2.0), name="normalize")(inp)
     if stacked:
-        x = keras.layers.LSTM(12, return_sequences=True, name="lstm")(x)
-    x = keras.layers.LSTM(9, return_sequences=not last_state, name="lstm_top")(x)
+        x = CELLS[cells[0]](12, return_sequences=True, name="rnn")(x)
+    x = CELLS[cells[1]](9, return_sequences=not last_state, name="rnn_top")(x)
     if not last_state:
         x = keras.layers.Flatten(name="flatten")(x)
     out = keras.layers.Dense(4, activation="softmax", name="dense")(x)
@@ -106,13 +110,15 @@ def _integer_twin(float_model, cfg, x):
     return q
 
 
-@pytest.mark.parametrize("stacked,last_state,bits,act,state,granularity", [
-    (False, False, 4, 8, 16, "per_channel"), (True, False, 2, 8, 16, "per_tensor"),
-    (True, True, 3, 5, 12, "per_channel"), (False, False, 8, 4, 8, "per_channel")])
+@pytest.mark.parametrize("stacked,last_state,bits,act,state,granularity,cells", [
+    (False, False, 4, 8, 16, "per_channel", ("lstm", "lstm")), (True, False, 2, 8, 16, "per_tensor", ("lstm", "lstm")),
+    (True, True, 3, 5, 12, "per_channel", ("lstm", "lstm")), (False, False, 8, 4, 8, "per_channel", ("lstm", "lstm")),
+    (False, False, 4, 8, 16, "per_channel", ("gru", "gru")), (True, True, 2, 6, 16, "per_tensor", ("gru", "lstm")),
+    (True, False, 5, 8, 16, "per_channel", ("lstm", "gru"))])
 def test_numpy_reference_gives_the_fake_quant_models_integer_logits(tmp_path, stacked, last_state, bits, act, state,
-                                                                    granularity):
+                                                                    granularity, cells):
     tf.keras.utils.set_random_seed(1)
-    model = _model(stacked, last_state)
+    model = _model(stacked, last_state, cells)
     x = RNG.normal(0, 1.5, (48, 10, 7)).astype(np.float32)
     q = _integer_twin(model, _config(bits, act, state, granularity), x)
     path = tmp_path / "m.qlstm"
@@ -124,13 +130,14 @@ def test_numpy_reference_gives_the_fake_quant_models_integer_logits(tmp_path, st
     assert np.array_equal(logits, integer_logits(q, x))
     s = integer_summary(q, str(path), x, np.zeros(len(x), int))
     assert s["integer/agreement"] == 1.0 and s["integer/logits_match"] == 1.0
-    assert s["integer/macs_per_clip"] == 10 * sum(l.kernel.size + l.recurrent.size for l in ref.lstms) \
+    assert s["integer/macs_per_clip"] == 10 * sum(l.kernel.size + l.recurrent.size for l in ref.recurrent) \
         + ref.dense.kernel.size
 
 
-def test_integer_mode_tracks_the_float_model_better_with_more_bits():
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_integer_mode_tracks_the_float_model_better_with_more_bits(cell):
     tf.keras.utils.set_random_seed(2)
-    model = _model(False)
+    model = _model(False, cells=(cell, cell))
     x = RNG.normal(0, 1.5, (64, 10, 7)).astype(np.float32)
     want = model.predict(x, verbose=0)
     err = [np.mean(np.abs(_integer_twin(model, _config(8, a, 16), x).predict(x, verbose=0) - want)) for a in (3, 5, 8)]
@@ -152,7 +159,7 @@ def test_a_saved_integer_twin_loads_with_its_integer_mode(tmp_path):
     q = _integer_twin(_model(False), _config(), x)
     q.save(tmp_path / "q.keras")
     back = keras.models.load_model(tmp_path / "q.keras")
-    assert back.get_layer("lstm_top").integer == q.get_layer("lstm_top").integer
+    assert back.get_layer("rnn_top").integer == q.get_layer("rnn_top").integer
     assert np.array_equal(integer_logits(back, x), integer_logits(q, x))
 
 
@@ -164,34 +171,38 @@ def test_c_kernel_has_no_floating_point_and_no_malloc():
         assert "int32_t" in code and not re.search(r"\b(float|double|malloc|calloc|free)\b", code)
 
 
-@pytest.mark.parametrize("stacked,last_state,bits", [(False, False, 4), (True, False, 2), (True, True, 3),
-                                                     (False, False, 8)])
-def test_compiled_c_gives_the_numpy_references_logits(tmp_path, stacked, last_state, bits):
+@pytest.mark.parametrize("stacked,last_state,bits,cells", [
+    (False, False, 4, ("lstm", "lstm")), (True, False, 2, ("lstm", "lstm")), (True, True, 3, ("lstm", "lstm")),
+    (False, False, 8, ("lstm", "lstm")), (True, False, 4, ("gru", "lstm")), (True, True, 6, ("lstm", "gru"))])
+def test_compiled_c_gives_the_numpy_references_logits(tmp_path, stacked, last_state, bits, cells):
     if find_compiler() is None:
         pytest.skip("no C compiler (cc, gcc or clang) on this machine: .ci/run installs one")
     tf.keras.utils.set_random_seed(5)
     x = RNG.normal(0, 1.5, (40, 10, 7)).astype(np.float32)
-    q = _integer_twin(_model(stacked, last_state), _config(bits, 8, 16), x)
+    q = _integer_twin(_model(stacked, last_state, cells), _config(bits, 8, 16), x)
     write_packed_model(q, str(tmp_path / "m.qlstm"))
     ref = IntegerModel.load(str(tmp_path / "m.qlstm"))
     report = export_c(ref, integer_inputs(q, x), tmp_path / "c", timing_repeat=2)
     assert report["agreement"] == 1.0 and report["class_agreement"] == 1.0 and report["us_per_clip"] > 0
     assert json.loads((tmp_path / "c" / "report.json").read_text())["agreement"] == 1.0
     assert report["weight_bytes_parts"]["codes"] == sum(-(-l.kernel.size * bits // 8) - (-l.recurrent.size * bits // 8)
-                                                        for l in ref.lstms) + -(-ref.dense.kernel.size * bits // 8)
+                                                        for l in ref.recurrent) + -(-ref.dense.kernel.size * bits // 8)
 
 
 # ------------------------------------------------------------------------------- rules
 
 def test_models_integer_inference_cannot_run_are_one_line_errors():
     inp = keras.Input((10, 7))
-    gru = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(keras.layers.GRU(4)(inp)))
-    with pytest.raises(ConfigError, match=r"layer 'gru.*' \(GRU\) cannot run in integer mode"):
+    gru = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(keras.layers.GRU(4, reset_after=False)(inp)))
+    with pytest.raises(ConfigError, match=r"layer 'gru.*' \(GRU\) cannot run in integer mode \(reset_after=False"):
         integer_modes(gru, _config())
+    conv = keras.Model(inp, keras.layers.Dense(3)(keras.layers.LSTM(4)(keras.layers.Conv1D(4, 3, name="c")(inp))))
+    with pytest.raises(ConfigError, match=r"layer 'c' \(Conv1D\) cannot run in integer mode"):
+        integer_modes(conv, _config())
     back = keras.Model(inp, keras.layers.Dense(3)(keras.layers.LSTM(4, go_backwards=True, name="b")(inp)))
     with pytest.raises(ConfigError, match="reads the clip backwards"):
         integer_modes(back, _config())
-    assert integer_modes(_model(True), _config()).keys() == {"lstm", "lstm_top", "dense"}
+    assert integer_modes(_model(True, cells=("gru", "lstm")), _config()).keys() == {"rnn", "rnn_top", "dense"}
 
 
 @pytest.mark.parametrize("quant,bits,message", [

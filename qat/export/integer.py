@@ -68,6 +68,42 @@ class IntegerLstm:
 
 
 @dataclass
+class IntegerGru:
+    """One GRU's integer constants (Keras' reset_after=True; int64 arrays)."""
+
+    name: str
+    units: int
+    act_bits: int
+    weight_bits: Tuple[int, int]
+    kernel: np.ndarray                # [F, 3U] codes
+    recurrent: np.ndarray             # [U, 3U] codes
+    bias: np.ndarray                  # [3U] int32 at the input accumulator's scale, input zero point folded in
+    recurrent_bias: np.ndarray        # [3U] int32 at the recurrent accumulator's scale
+    m_x: np.ndarray
+    n_x: np.ndarray
+    m_h: np.ndarray
+    n_h: np.ndarray
+    return_sequences: bool
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Codes [N, T, F] (int) -> hidden-state codes [N, T, U] (int64)."""
+        a, u = self.act_bits, self.units
+        sig, tanh = iq.sigmoid_table(a).astype(np.int64), iq.tanh_table(a).astype(np.int64)
+        h_lo, h_hi = iq.symmetric_range(a)
+        x = np.asarray(x, np.int64)
+        zx = iq.saturate(iq.requantize(x @ self.kernel + self.bias, self.m_x, self.n_x), *iq.INT16)
+        h, out = np.zeros((x.shape[0], u), np.int64), []
+        for t in range(x.shape[1]):
+            zh = iq.saturate(iq.requantize(h @ self.recurrent + self.recurrent_bias, self.m_h, self.n_h), *iq.INT16)
+            zr = sig[iq.table_index(iq.saturate(zx[:, t, :2 * u] + zh[:, :2 * u], *iq.INT16))]
+            z, r = zr[:, :u], zr[:, u:]
+            n = tanh[iq.table_index(iq.saturate(zx[:, t, 2 * u:] + iq.shift_round(r * zh[:, 2 * u:], a), *iq.INT16))]
+            h = iq.saturate(n + iq.shift_round(z * (h - n), a), h_lo, h_hi)
+            out.append(h)
+        return np.stack(out, 1)
+
+
+@dataclass
 class IntegerDense:
     """The classifier's integer constants: int32 logits = requant(X W + bias) per unit."""
 
@@ -86,13 +122,14 @@ class IntegerDense:
 
 @dataclass
 class IntegerModel:
-    """An integer-mode model as integer constants: input grid, LSTMs, classifier (see module doc)."""
+    """An integer-mode model as integer constants: input grid, recurrent layers (IntegerLstm /
+    IntegerGru, bottom first), classifier (see module doc)."""
 
     input_shape: Tuple[int, int]
     input_bits: int
     input_scale: float                # real input = input_scale * (x8 - input_zero_point)
     input_zero_point: int             # on the int8 grid of the features (q - 2^(a-1))
-    lstms: List[IntegerLstm]
+    recurrent: List[Any]
     dense: IntegerDense
     weight_code_bytes: int = 0        # the packed codes, as stored in flash
     meta: Dict[str, Any] = field(default_factory=dict)
@@ -105,13 +142,13 @@ class IntegerModel:
             raise DataError(f"{path} is not the packed file of an integer-mode model: expected one written by a run "
                             "with quant.integer=true")
         t = read_packed(path)
-        lstms, dense, code_bytes = [], None, 0
+        layers, dense, code_bytes = [], None, 0
         for entry in layout["layers"]:
             name, a = entry["name"], entry["act_bits"]
             k = t[f"{name}/kernel"]
             code_bytes += -(-k.codes.size * k.bits // 8)
             bias = t.get(f"{name}/bias")
-            if entry["kind"] == "lstm":
+            if entry["kind"] in ("lstm", "gru"):
                 r = t[f"{name}/recurrent_kernel"]
                 code_bytes += -(-r.codes.size * r.bits // 8)
                 if entry["input_bits"] is None:
@@ -123,15 +160,22 @@ class IntegerModel:
                     s_x, z8 = np.float32(iq.hidden_scale(entry["input_bits"])), 0
                 acc_scale = s_x * k.scale.reshape(-1)
                 m_x, n_x = iq.multiplier(acc_scale * np.float32(2 ** iq.GATE_FRAC))
-                m_h, n_h = iq.multiplier(np.float32(iq.hidden_scale(a)) * r.scale.reshape(-1)
-                                         * np.float32(2 ** iq.GATE_FRAC))
+                rec_scale = np.float32(iq.hidden_scale(a)) * r.scale.reshape(-1)
+                m_h, n_h = iq.multiplier(rec_scale * np.float32(2 ** iq.GATE_FRAC))
+                kernel, gates = k.codes.astype(np.int64), k.codes.shape[1]
+                in_bias = None if bias is None else (bias[0] if entry["kind"] == "gru" else bias)
+                folded = _bias_codes(in_bias, acc_scale, gates) - z8 * kernel.sum(axis=0)
+                common = dict(name=name, units=entry["units"], act_bits=a, weight_bits=(k.bits, r.bits), kernel=kernel,
+                              recurrent=r.codes.astype(np.int64), bias=folded, m_x=m_x, n_x=n_x, m_h=m_h, n_h=n_h,
+                              return_sequences=entry["return_sequences"])
+                if entry["kind"] == "gru":
+                    layers.append(IntegerGru(recurrent_bias=_bias_codes(None if bias is None else bias[1], rec_scale,
+                                                                        gates), **common))
+                    continue
                 c_lo, c_hi = t[f"{name}/state_c_lo"], t[f"{name}/state_c_hi"]
                 c_max = np.max(np.maximum(-np.minimum(c_lo, np.float32(0)), np.maximum(c_hi, np.float32(0))))
-                kernel = k.codes.astype(np.int64)
-                lstms.append(IntegerLstm(
-                    name, entry["units"], a, entry["state_bits"], (k.bits, r.bits), kernel, r.codes.astype(np.int64),
-                    _bias_codes(bias, acc_scale, kernel.shape[1]) - z8 * kernel.sum(axis=0), m_x, n_x, m_h, n_h,
-                    iq.cell_exponent(c_max, entry["state_bits"]), entry["return_sequences"]))
+                layers.append(IntegerLstm(state_bits=entry["state_bits"],
+                                          cell_exponent=iq.cell_exponent(c_max, entry["state_bits"]), **common))
             else:
                 s_x = np.float32(iq.hidden_scale(entry["input_bits"]))
                 k_scale = k.scale.reshape(-1)
@@ -139,14 +183,14 @@ class IntegerModel:
                 m, n = iq.multiplier(k_scale / top)
                 dense = IntegerDense(name, entry["units"], k.bits, k.codes.astype(np.int64),
                                      _bias_codes(bias, s_x * k_scale, entry["units"]), m, n, float(s_x * top))
-        return cls(tuple(layout["input_shape"]), input_bits, first_scale, zero, lstms, dense, code_bytes, layout)
+        return cls(tuple(layout["input_shape"]), input_bits, first_scale, zero, layers, dense, code_bytes, layout)
 
     def run(self, x8: np.ndarray) -> np.ndarray:
         """int8 features [N, T, F] -> int32 logits [N, classes] (int64 array), in batches."""
         out = []
         for start in range(0, len(x8), BATCH):
             h = np.asarray(x8[start:start + BATCH], np.int64)
-            for layer in self.lstms:
+            for layer in self.recurrent:
                 h = layer.run(h)
                 if not layer.return_sequences:
                     h = h[:, -1]
@@ -158,18 +202,18 @@ class IntegerModel:
     def weight_bytes(self) -> Dict[str, int]:
         """Flash of the C export: packed codes, int32 biases, requantization factors (multiplier and
         shift in one uint32), the sigmoid / tanh tables (int8, one pair per gate bit-width)."""
-        requant = sum(len(l.m_x) + len(l.m_h) for l in self.lstms) + len(self.dense.m)
-        biases = sum(len(l.bias) for l in self.lstms) + len(self.dense.bias)
-        tables = 2 * 2 ** iq.TABLE_BITS * len({l.act_bits for l in self.lstms})
+        requant = sum(len(l.m_x) + len(l.m_h) for l in self.recurrent) + len(self.dense.m)
+        biases = sum(len(l.bias) + len(getattr(l, "recurrent_bias", ())) for l in self.recurrent) + len(self.dense.bias)
+        tables = 2 * 2 ** iq.TABLE_BITS * len({l.act_bits for l in self.recurrent})
         parts = {"codes": self.weight_code_bytes, "biases": 4 * biases, "requant": 4 * requant, "tables": tables}
         return {**parts, "total": sum(parts.values())}
 
     def ram_bytes(self) -> int:
         """RAM of the C kernel, streaming one frame at a time: the input frame (int8), per LSTM its
-        h (int8), c (int16) and two gate accumulators (int32, 4 units each), the classifier's int32
-        accumulators."""
-        return (int(self.input_shape[1]) + sum(l.units * (1 + 2 + 32) for l in self.lstms)
-                + 4 * self.dense.units)
+        h (int8), c (int16) and two gate accumulators (int32, 4 units each), per GRU its h and two
+        accumulators of 3 units, the classifier's int32 accumulators."""
+        per_unit = lambda l: 1 + 2 + 32 if isinstance(l, IntegerLstm) else 1 + 24
+        return int(self.input_shape[1]) + sum(l.units * per_unit(l) for l in self.recurrent) + 4 * self.dense.units
 
     def macs_per_clip(self) -> Dict[str, int]:
         """Multiply-accumulates of one clip by operand widths ("w<bits>xa<bits>")."""
@@ -180,7 +224,7 @@ class IntegerModel:
             out[f"w{w}xa{a}"] = out.get(f"w{w}xa{a}", 0) + int(n)
 
         in_bits = self.input_bits
-        for layer in self.lstms:
+        for layer in self.recurrent:
             add(layer.weight_bits[0], in_bits, steps * layer.kernel.size)
             add(layer.weight_bits[1], layer.act_bits, steps * layer.recurrent.size)
             in_bits = layer.act_bits
@@ -242,7 +286,8 @@ def integer_summary(qmodel, packed_path: str, x: np.ndarray, y: np.ndarray) -> D
     return {"integer/test_acc": float(np.mean(classes == y)),
             "integer/agreement": float(np.mean(classes == predict_classes(qmodel, x))),
             "integer/logits_match": float(np.mean(same_logits)),
-            "integer/act_bits": ref.lstms[0].act_bits, "integer/state_bits": ref.lstms[0].state_bits,
+            "integer/act_bits": ref.recurrent[0].act_bits,
+            "integer/state_bits": max((getattr(l, "state_bits", 0) for l in ref.recurrent), default=0) or None,
             "integer/weight_bytes": weight["total"], **{f"integer/weight_bytes/{k}": v for k, v in weight.items()
                                                         if k != "total"},
             "integer/ram_bytes": ref.ram_bytes(), "integer/macs_per_clip": sum(macs.values()),

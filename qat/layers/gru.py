@@ -31,6 +31,8 @@ from typing import Callable
 import tensorflow as tf
 import tf_keras as keras
 
+from qat.errors import ConfigError
+from qat.layers.integer import IntegerGruCell, gru_recurrence, input_grid, input_projection, weight_codes
 from qat.layers.recurrent import QuantizedRNN, time_loop
 
 GATES = ("gate_z", "gate_r", "gate_h")
@@ -42,6 +44,7 @@ class QGRU(QuantizedRNN):
     """GRU with optional fake quantization of weights, input, gates and state (see module doc)."""
 
     weight_names = ("kernel", "recurrent_kernel", "bias")
+    supports_integer = True
     gate_names = GATES
     state_names = STATES
     float_type = keras.layers.GRU
@@ -49,6 +52,9 @@ class QGRU(QuantizedRNN):
     def __init__(self, units: int, reset_after: bool = True, **kwargs):
         super().__init__(units, **kwargs)
         self.reset_after = bool(reset_after)
+        if self.integer is not None and not self.reset_after:
+            raise ConfigError(f"GRU layer '{self.name}' with reset_after=False cannot run in integer mode: "
+                              "expected reset_after=True (Keras' default)")
 
     def build(self, input_shape):
         features, u = int(input_shape[-1]), self.units
@@ -59,8 +65,28 @@ class QGRU(QuantizedRNN):
         if self.use_bias:
             shape = (2, 3 * u) if self.reset_after else (3 * u,)
             self.bias = self.add_weight("bias", shape=shape, initializer=self.bias_initializer)
-        self._build_activation_quantizers(features)
+        if self.integer is None:
+            self._build_activation_quantizers(features)
+        else:   # the input (first layer) only: gates and h sit on fixed grids
+            self._build_quantizers([(("input",), "input", features)])
         super().build(input_shape)
+
+    def _integer_hidden_states(self, x_hat):
+        """Integer mode (qat.layers.integer) over time-major inputs on the input grid."""
+        kernel, rec_kernel, bias = self._weights()
+        X, s_x = input_grid(self, x_hat)
+        k_codes, k_scale = weight_codes(self, "kernel", kernel)
+        r_codes, r_scale = weight_codes(self, "recurrent_kernel", rec_kernel)
+        zx = input_projection(X, s_x, k_codes, k_scale, None if bias is None else bias[0])
+        cell = IntegerGruCell(self.units, int(x_hat.shape[-1]), self.integer.act_bits)
+        (hs,) = self._loops(cell)(x_hat, zx, kernel, rec_kernel, bias, r_codes, r_scale)
+        return hs
+
+    @classmethod
+    def _recurrence(cls, *args):
+        if isinstance(args[-1], IntegerGruCell):
+            return gru_recurrence(*args)
+        return super()._recurrence(*args)
 
     def _cell(self, kinds: tuple, gated: bool) -> "_Cell":
         return _Cell(self.units, self.activation, self.recurrent_activation, self.reset_after, kinds, gated)

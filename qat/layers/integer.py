@@ -14,6 +14,13 @@ LSTM, per time step (a = act_bits, s = state_bits; codes are integers, scales in
     C         sat_s(round(f C / 2^a) + round(i g 2^(1-2a) / 2^E))        [2^E], E from the calibrated cell range
     H         round(o tanh_table(C in Q3.12) / 2^a), on [-(2^(a-1)-1), 2^(a-1)-1]   [2^-(a-1)]
 
+GRU (Keras' reset_after=True; bias rows b for the input, b' for the recurrent part):
+
+    z_x, z_h  sat16(requant(X W + b, ...)), sat16(requant(H R + b', ...)), each 3U wide, Q3.12
+    z, r      sigmoid table of sat16(z_x + z_h) for the first 2U   [2^-a]
+    n         tanh table of sat16(z_x,n + round(r z_h,n / 2^a))    [2^-(a-1)]
+    H         N + round(Z (H - N) / 2^a), on [-(2^(a-1)-1), 2^(a-1)-1]   (= z h + (1 - z) n)
+
 Dense: int32 accumulator X W + b, requantized per unit to one scale s_x max(s_w) (int32 logits).
 """
 from __future__ import annotations
@@ -79,8 +86,17 @@ class IntegerLstmCell:
     state_bits: int
 
 
-def lstm_input_projection(X, s_x, kernel_codes, k_scale, bias):
-    """z_x for every step: int64 [..., 4U], saturated to int16."""
+@dataclass(frozen=True)
+class IntegerGruCell:
+    """The static part of an integer-mode GRU loop (it keys the loop's trace)."""
+
+    units: int
+    features: int
+    act_bits: int
+
+
+def input_projection(X, s_x, kernel_codes, k_scale, bias):
+    """z_x for every step: int64 [..., G], saturated to int16 (the LSTM's 4U, the GRU's 3U)."""
     acc_scale = s_x * tf.reshape(k_scale, [-1])
     m, n = iq.multiplier_tf(acc_scale * float(2 ** iq.GATE_FRAC))
     acc = tf.cast(tf.tensordot(X, kernel_codes, axes=1), tf.int64) + integer_bias(bias, acc_scale)
@@ -128,6 +144,47 @@ def lstm_recurrence(x_hat, zx, kernel, rec_kernel, bias, rec_codes, r_scale, c_m
     zeros = tf.zeros((tf.shape(x_hat)[1], u), x_hat.dtype)
     inputs = tf.concat([x_hat, tf.cast(zx, x_hat.dtype)], axis=-1)
     return time_loop(inputs, (zeros, zeros), step, 1)
+
+
+def gru_recurrence(x_hat, zx, kernel, rec_kernel, bias, rec_codes, r_scale, cell: IntegerGruCell):
+    """The integer GRU (reset_after=True) over time-major x_hat [T, B, F] with its input projection
+    zx [T, B, 3U] (int64, input bias included): the hidden states [T, B, U]."""
+    a, u, f_in = cell.act_bits, cell.units, cell.features
+    sig = tf.constant(iq.sigmoid_table(a), tf.int64)
+    tanh = tf.constant(iq.tanh_table(a), tf.int64)
+    h_scale = hidden_scale(a)
+    rec_acc_scale = float(h_scale) * tf.reshape(r_scale, [-1])
+    m_h, n_h = iq.multiplier_tf(rec_acc_scale * float(2 ** iq.GATE_FRAC))
+    in_bias, rec_bias = (None, None) if bias is None else (bias[0], bias[1])
+    rec_bias_codes = integer_bias(rec_bias, rec_acc_scale)
+    h_lo, h_hi = iq.symmetric_range(a)
+
+    def step(inputs, states):
+        (h,) = states
+        x_t, zx_t = inputs[:, :f_in], tf.cast(inputs[:, f_in:], tf.int64)
+        xz, hz = tf.matmul(x_t, kernel), tf.matmul(h, rec_kernel)
+        if bias is not None:
+            xz, hz = tf.nn.bias_add(xz, in_bias), tf.nn.bias_add(hz, rec_bias)
+        x_zr, x_n = tf.split(xz, [2 * u, u], axis=1)
+        h_zr, h_n = tf.split(hz, [2 * u, u], axis=1)
+        z_f, r_f = tf.split(tf.sigmoid(x_zr + h_zr), 2, axis=1)
+        n_f = tf.tanh(x_n + r_f * h_n)
+        h_float = n_f + z_f * (h - n_f)
+
+        H = tf.cast(tf.round(h / h_scale), tf.int64)
+        zh = tf.clip_by_value(iq.requantize_tf(matmul_int(tf.cast(H, tf.int32), rec_codes) + rec_bias_codes, m_h, n_h),
+                              *iq.INT16)
+        zx_zr, zx_n = tf.split(zx_t, [2 * u, u], axis=1)
+        zh_zr, zh_n = tf.split(zh, [2 * u, u], axis=1)
+        Z, R = tf.split(tf.gather(sig, iq.table_index_tf(tf.clip_by_value(zx_zr + zh_zr, *iq.INT16))), 2, axis=1)
+        N = tf.gather(tanh, iq.table_index_tf(tf.clip_by_value(zx_n + iq.shift_round_tf(R * zh_n, a), *iq.INT16)))
+        H_new = tf.clip_by_value(N + iq.shift_round_tf(Z * (H - N), a), h_lo, h_hi)
+        h_new = straight_through(tf.cast(H_new, tf.float32) * h_scale, h_float)
+        return (h_new,), (h_new,)
+
+    zeros = tf.zeros((tf.shape(x_hat)[1], u), x_hat.dtype)
+    inputs = tf.concat([x_hat, tf.cast(zx, x_hat.dtype)], axis=-1)
+    return time_loop(inputs, (zeros,), step, 1)
 
 
 def dense_logits(X, s_x, kernel_codes, k_scale, bias):

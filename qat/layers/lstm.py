@@ -25,7 +25,7 @@ from typing import Callable
 import tensorflow as tf
 import tf_keras as keras
 
-from qat.layers.integer import (IntegerLstmCell, input_grid, lstm_input_projection, lstm_recurrence,
+from qat.layers.integer import (IntegerLstmCell, input_grid, input_projection, lstm_recurrence,
                                 weight_codes)
 from qat.layers.recurrent import QuantizedRNN, time_loop
 from qat.quant.ops import fused_fake_quant
@@ -73,7 +73,7 @@ class QLSTM(QuantizedRNN):
         X, s_x = input_grid(self, x_hat)
         k_codes, k_scale = weight_codes(self, "kernel", kernel)
         r_codes, r_scale = weight_codes(self, "recurrent_kernel", rec_kernel)
-        zx = lstm_input_projection(X, s_x, k_codes, k_scale, bias)
+        zx = input_projection(X, s_x, k_codes, k_scale, bias)
         qc = self.activation_quantizers["state_c"]
         c_max = tf.reduce_max(tf.maximum(-tf.minimum(qc.lo, 0.0), tf.maximum(qc.hi, 0.0)))
         cell = IntegerLstmCell(self.units, int(x_hat.shape[-1]), self.integer.act_bits, self.integer.state_bits)

@@ -149,7 +149,7 @@ def float_weight(model, name: str) -> np.ndarray:
     return getattr(float_source(find_layer(model, layer)), weight).numpy()
 
 
-INTEGER_TOPOLOGY = "Input -> [Normalization] -> LSTM (one or more) -> [Flatten] -> Dense"
+INTEGER_TOPOLOGY = "Input -> [Normalization] -> LSTM / GRU (one or more) -> [Flatten] -> Dense"
 
 
 def integer_modes(model, cfg: QuantConfig) -> Dict[str, IntegerMode]:
@@ -170,11 +170,13 @@ def integer_modes(model, cfg: QuantConfig) -> Dict[str, IntegerMode]:
     for k, layer in enumerate(layers):
         if isinstance(layer, keras.layers.Normalization) and not modes:
             continue     # float statistics before the integer part: they shape the int8 input features
-        if type(layer) is keras.layers.LSTM:
+        if type(layer) in RECURRENT:
             if modes and not sequence:
                 refuse(layer, "the LSTM below it returns its last state only")
             if layer.go_backwards:
                 refuse(layer, "it reads the clip backwards; the integer kernel streams frames forwards")
+            if type(layer) is keras.layers.GRU and not layer.reset_after:
+                refuse(layer, "reset_after=False; the integer GRU is Keras' default reset_after=True")
             if (keras.activations.serialize(layer.cell.activation) != "tanh"
                     or keras.activations.serialize(layer.cell.recurrent_activation) != "sigmoid"):
                 refuse(layer, "its activations are not tanh / sigmoid, the kernel's tables")
@@ -195,7 +197,7 @@ def integer_modes(model, cfg: QuantConfig) -> Dict[str, IntegerMode]:
 
 def integer_layout(qmodel) -> Optional[dict]:
     """What integer inference of an integer-mode twin needs besides its tensors (None for other
-    models): the input shape, and per layer in order its kind (lstm / dense), name, units, mode and
+    models): the input shape, and per layer in order its kind (lstm / gru / dense), name, units, mode and
     sequence options; the first LSTM's input spec (its range is in the tensors)."""
     layers = [layer for layer in quantized_layers(qmodel) if layer.integer is not None]
     if not layers:
@@ -203,8 +205,8 @@ def integer_layout(qmodel) -> Optional[dict]:
     out = []
     for layer in layers:
         entry = {"name": layer.name, "units": int(layer.units), **layer.integer.to_config()}
-        if isinstance(layer, QLSTM):
-            entry.update(kind="lstm", return_sequences=layer.return_sequences, go_backwards=layer.go_backwards)
+        if isinstance(layer, QuantizedRNN):
+            entry.update(kind="lstm" if isinstance(layer, QLSTM) else "gru", return_sequences=layer.return_sequences)
             if layer.integer.input_bits is None:
                 entry["input_spec"] = layer.specs["input"].to_config()
         else:

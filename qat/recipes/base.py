@@ -165,11 +165,10 @@ class Recipe:
     def check_model(self, model: ModelSpec, options) -> None:
         """Rules on the model the recipe will get (ConfigError), checked before any data is read (a
         user's saved model: `check_float_model` once it is loaded)."""
-        if getattr(options, "integer", False) and model.path is None and (
-                model.cell != "lstm" or model.bidirectional or model.conv_filters):
-            raise ConfigError(f"quant.integer=true is not allowed with model.cell={model.cell}, model.bidirectional="
+        if getattr(options, "integer", False) and model.path is None and (model.bidirectional or model.conv_filters):
+            raise ConfigError(f"quant.integer=true is not allowed with model.bidirectional="
                               f"{str(model.bidirectional).lower()}, model.conv_filters={model.conv_filters}: "
-                              f"expected {INTEGER_TOPOLOGY} (model=lstm)")
+                              f"expected {INTEGER_TOPOLOGY} (model=lstm or model=gru)")
 
     def check_float_model(self, float_model, bits: BitWidths, options) -> None:
         """Rules on a loaded float model (the user's), before any data is read."""
