@@ -32,8 +32,9 @@ import tensorflow as tf
 import tf_keras as keras
 
 from qat.errors import ConfigError
-from qat.layers.integer import IntegerGruCell, gru_recurrence, input_grid, input_projection, weight_codes
-from qat.layers.recurrent import QuantizedRNN, time_loop
+from qat.layers.integer import IntegerGruCell, gru_recurrence
+from qat.layers.loop import time_loop
+from qat.layers.recurrent import QuantizedRNN
 
 GATES = ("gate_z", "gate_r", "gate_h")
 STATES = ("state_h",)
@@ -65,28 +66,17 @@ class QGRU(QuantizedRNN):
         if self.use_bias:
             shape = (2, 3 * u) if self.reset_after else (3 * u,)
             self.bias = self.add_weight("bias", shape=shape, initializer=self.bias_initializer)
-        if self.integer is None:
-            self._build_activation_quantizers(features)
-        else:   # the input (first layer) only: gates and h sit on fixed grids
-            self._build_quantizers([(("input",), "input", features)])
+        self._build_activation_quantizers(features)
         super().build(input_shape)
 
-    def _integer_hidden_states(self, x_hat):
-        """Integer mode (qat.layers.integer) over time-major inputs on the input grid."""
-        kernel, rec_kernel, bias = self._weights()
-        X, s_x = input_grid(self, x_hat)
-        k_codes, k_scale = weight_codes(self, "kernel", kernel)
-        r_codes, r_scale = weight_codes(self, "recurrent_kernel", rec_kernel)
-        zx = input_projection(X, s_x, k_codes, k_scale, None if bias is None else bias[0])
-        cell = IntegerGruCell(self.units, int(x_hat.shape[-1]), self.integer.act_bits)
-        (hs,) = self._loops(cell)(x_hat, zx, kernel, rec_kernel, bias, r_codes, r_scale)
-        return hs
+    _integer_recurrence = staticmethod(gru_recurrence)
 
-    @classmethod
-    def _recurrence(cls, *args):
-        if isinstance(args[-1], IntegerGruCell):
-            return gru_recurrence(*args)
-        return super()._recurrence(*args)
+    def _integer_cell(self, features: int) -> IntegerGruCell:
+        return IntegerGruCell(self.units, features, self.integer.act_bits)
+
+    def _integer_inputs(self, bias) -> tuple:
+        """The input row of the (2, 3U) bias; the recurrent row goes into the loop with the bias."""
+        return (None if bias is None else bias[0]), ()
 
     def _cell(self, kinds: tuple, gated: bool) -> "_Cell":
         return _Cell(self.units, self.activation, self.recurrent_activation, self.reset_after, kinds, gated)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from qat.errors import ConfigError
-from qat.layers.recurrent import time_loop
+from qat.layers.loop import time_loop
 from qat.quant import integer as iq
 from qat.quant.integer import hidden_scale
 
@@ -80,6 +80,8 @@ def matmul_int(a, b):
 class IntegerLstmCell:
     """The static part of an integer-mode LSTM loop (it keys the loop's trace)."""
 
+    integer = True
+
     units: int
     features: int
     act_bits: int
@@ -89,6 +91,8 @@ class IntegerLstmCell:
 @dataclass(frozen=True)
 class IntegerGruCell:
     """The static part of an integer-mode GRU loop (it keys the loop's trace)."""
+
+    integer = True
 
     units: int
     features: int

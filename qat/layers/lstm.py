@@ -25,9 +25,9 @@ from typing import Callable
 import tensorflow as tf
 import tf_keras as keras
 
-from qat.layers.integer import (IntegerLstmCell, input_grid, input_projection, lstm_recurrence,
-                                weight_codes)
-from qat.layers.recurrent import QuantizedRNN, time_loop
+from qat.layers.integer import IntegerLstmCell, lstm_recurrence
+from qat.layers.loop import time_loop
+from qat.layers.recurrent import QuantizedRNN
 from qat.quant.ops import fused_fake_quant
 
 GATES = ("gate_i", "gate_f", "gate_c", "gate_o")
@@ -61,30 +61,19 @@ class QLSTM(QuantizedRNN):
                     b = self.bias_initializer((u,), dtype=dtype)
                     return tf.concat([b, tf.ones((u,), dtype=dtype), self.bias_initializer((2 * u,), dtype=dtype)], 0)
             self.bias = self.add_weight("bias", shape=(4 * u,), initializer=init)
-        if self.integer is None:
-            self._build_activation_quantizers(features)
-        else:   # the input (first layer) and the cell state's range; gates and h sit on fixed grids
-            self._build_quantizers([(("input",), "input", features), (("state_c",), "state", u)])
+        self._build_activation_quantizers(features)
         super().build(input_shape)
 
-    def _integer_hidden_states(self, x_hat):
-        """Integer mode (qat.layers.integer) over time-major inputs on the input grid."""
-        kernel, rec_kernel, bias = self._weights()
-        X, s_x = input_grid(self, x_hat)
-        k_codes, k_scale = weight_codes(self, "kernel", kernel)
-        r_codes, r_scale = weight_codes(self, "recurrent_kernel", rec_kernel)
-        zx = input_projection(X, s_x, k_codes, k_scale, bias)
-        qc = self.activation_quantizers["state_c"]
-        c_max = tf.reduce_max(tf.maximum(-tf.minimum(qc.lo, 0.0), tf.maximum(qc.hi, 0.0)))
-        cell = IntegerLstmCell(self.units, int(x_hat.shape[-1]), self.integer.act_bits, self.integer.state_bits)
-        (hs,) = self._loops(cell)(x_hat, zx, kernel, rec_kernel, bias, r_codes, r_scale, c_max)
-        return hs
+    integer_states = ("state_c",)
+    _integer_recurrence = staticmethod(lstm_recurrence)
 
-    @classmethod
-    def _recurrence(cls, *args):
-        if isinstance(args[-1], IntegerLstmCell):
-            return lstm_recurrence(*args)
-        return super()._recurrence(*args)
+    def _integer_cell(self, features: int) -> IntegerLstmCell:
+        return IntegerLstmCell(self.units, features, self.integer.act_bits, self.integer.state_bits)
+
+    def _integer_inputs(self, bias) -> tuple:
+        """The bias, and the largest calibrated cell-state magnitude (its power-of-two scale)."""
+        qc = self.activation_quantizers["state_c"]
+        return bias, (tf.reduce_max(tf.maximum(-tf.minimum(qc.lo, 0.0), tf.maximum(qc.hi, 0.0))),)
 
     def _cell(self, kinds: tuple, gated: bool) -> "_Cell":
         return _Cell(self.units, self.activation, self.recurrent_activation, kinds, gated)

@@ -1,37 +1,24 @@
-"""The time loop and the layer base shared by the quantized recurrent layers (QLSTM, QGRU).
+"""The layer base shared by the quantized recurrent layers (QLSTM, QGRU): quantization points,
+the forward pass around the time loop (qat.layers.loop) in float fake-quant or integer mode
+(qat.layers.integer), calibration values, streaming steps and taking over a float Keras layer.
 
-Written as Keras' own CPU recurrent kernels are (`tf.while_loop` over a TensorArray of time steps,
-the input projection inside the step, `parallel_iterations=32`), and traced once per layer and
-static configuration (`LoopCache`): a function shared by every layer of a process would keep every
-model's traces alive, and one function traced for many configurations retraces on every switch.
+Each loop is traced once per layer and static configuration (`LoopCache`): a function shared by
+every layer of a process would keep every model's traces alive, and one function traced for many
+configurations retraces on every switch.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import tensorflow as tf
 import tf_keras as keras
 
 from qat.errors import ConfigError
 from qat.layers.base import QuantizedLayer
+from qat.layers.integer import input_grid, input_projection, weight_codes
+from qat.layers.loop import time_loop
 from qat.quant.quantizers import concat_params
 from qat.quant.spec import QuantSpec
-
-
-def time_loop(x, initial_states: Sequence[tf.Tensor], step: Callable, n_outputs: int) -> Tuple[tf.Tensor, ...]:
-    """Run `step(x_t, states) -> (new states, outputs)` over time-major x [T, B, F] from
-    `initial_states`; returns each of the `n_outputs` per-step outputs stacked over time, [T, ...]."""
-    steps = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
-    inputs = tf.TensorArray(x.dtype, size=steps).unstack(x)
-    outputs = tuple(tf.TensorArray(x.dtype, size=steps) for _ in range(n_outputs))
-
-    def body(t, states, outputs):
-        states, values = step(inputs.read(t), states)
-        return t + 1, tuple(states), tuple(ta.write(t, v) for ta, v in zip(outputs, values))
-
-    *_, outputs = tf.while_loop(lambda t, *_: t < steps, body, (0, tuple(initial_states), outputs),
-                                parallel_iterations=32, maximum_iterations=steps)
-    return tuple(ta.stack() for ta in outputs)
 
 
 class LoopCache:
@@ -103,8 +90,15 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
         raise NotImplementedError
 
     @classmethod
-    def _recurrence(cls, x, kernel, rec_kernel, bias, rec_mask, params, cell):
-        """The layer over time-major x [T, B, F]: the h sequence [T, B, U] (a 1-tuple)."""
+    def _recurrence(cls, *args):
+        """The layer over time-major x [T, B, F]: the h sequence [T, B, U] (a 1-tuple); the integer
+        loop for an integer cell."""
+        if getattr(args[-1], "integer", False):
+            return cls._integer_recurrence(*args)
+        return cls._float_recurrence(*args)
+
+    @classmethod
+    def _float_recurrence(cls, x, kernel, rec_kernel, bias, rec_mask, params, cell):
         step = cls._step_fn(kernel, rec_kernel, bias, rec_mask, params, cell)
         zeros = tf.zeros((tf.shape(x)[1], cell.units), x.dtype)
         return time_loop(x, (zeros,) * cls.n_states, step, 1)
@@ -113,17 +107,47 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
     def _intermediates(x, kernel, rec_kernel, bias, cell):
         raise NotImplementedError
 
-    def _integer_hidden_states(self, x_hat):
-        """The time-major hidden states in integer mode (layers with `supports_integer`)."""
+    # ------------------------------------------------------------------ integer mode (qat.layers.integer)
+
+    integer_states: Tuple[str, ...] = ()      # states whose calibrated range integer mode uses
+
+    def _integer_cell(self, features: int):
+        """The static part of the integer loop (hashable: it keys the loop's trace)."""
         raise NotImplementedError
+
+    def _integer_inputs(self, bias) -> tuple:
+        """(the bias row of the input projection, the integer loop's extra tensor arguments)."""
+        return bias, ()
+
+    @staticmethod
+    def _integer_recurrence(*args):
+        """The integer loop: (x_hat, zx, kernel, recurrent kernel, bias, recurrent codes, their scale,
+        *extra, cell) -> (hidden states [T, B, U],)."""
+        raise NotImplementedError
+
+    def _integer_hidden_states(self, x_hat):
+        """The time-major hidden states in integer mode, from inputs on the input grid: the input
+        projection of every step at once, then the integer loop."""
+        kernel, rec_kernel, bias = self._weights()
+        X, s_x = input_grid(self, x_hat)
+        k_codes, k_scale = weight_codes(self, "kernel", kernel)
+        r_codes, r_scale = weight_codes(self, "recurrent_kernel", rec_kernel)
+        in_bias, extra = self._integer_inputs(bias)
+        zx = input_projection(X, s_x, k_codes, k_scale, in_bias)
+        (hs,) = self._loops(self._integer_cell(int(x_hat.shape[-1])))(x_hat, zx, kernel, rec_kernel, bias, r_codes,
+                                                                       r_scale, *extra)
+        return hs
 
     def _cell(self, kinds: tuple, gated: bool):
         """The static part of the loop (hashable: it keys the loop's trace)."""
         raise NotImplementedError
 
     def _build_activation_quantizers(self, features: int) -> None:
-        self._build_quantizers([(("input",), "input", features), (self.gate_names, "gate", self.units),
-                                (self.state_names, "state", self.units)])
+        if self.integer is None:
+            self._build_quantizers([(("input",), "input", features), (self.gate_names, "gate", self.units),
+                                    (self.state_names, "state", self.units)])
+        else:   # the input (first layer) and `integer_states`' ranges; gates and h sit on fixed grids
+            self._build_quantizers([(("input",), "input", features), (self.integer_states, "state", self.units)])
 
     # ------------------------------------------------------------------ forward pass
 
