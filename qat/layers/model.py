@@ -226,8 +226,8 @@ def _layer_specs(layer, cfg: QuantConfig, modes: Mapping[str, IntegerMode]) -> d
             specs["input"] = None
     if type(layer) in RECURRENT:
         specs.update(gate=cfg.gates, state=cfg.state)
-    elif specs["input"] is not None is not None and cfg.inputs.granularity == "per_channel":
-        specs["input"] = replace(cfg.inputs, granularity="per_tensor")
+    elif specs["input"] is not None and specs["input"].granularity == "per_channel":
+        specs["input"] = replace(specs["input"], granularity="per_tensor")
     kernel = specs.get("depthwise_kernel")
     if type(layer) is keras.layers.DepthwiseConv2D and kernel is not None and kernel.granularity == "per_channel" \
             and f"{layer.name}/depthwise_kernel" not in cfg.overrides:
