@@ -15,7 +15,6 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from qat.algorithms.predict import MAX_DROP, PredictSpec, format_report, predict_run
-from qat.algorithms.calibration import calibration_clips
 from qat.checks import Nullable, OneOf
 from qat.data.augment import training_data
 from qat.data.datasets import DataSpec
@@ -24,12 +23,11 @@ from qat.errors import ConfigError, DataError
 from qat.export.c_source import export_c
 from qat.export.integer import IntegerModel, integer_inputs
 from qat.export.packed import load_packed_model
-from qat.export.tflite import tflite_model
 from qat.io import make_dirs, write_json
 from qat.layers.fold import fold_batch_norms
 from qat.layers.model import check_quantizable, freeze_ranges, quantize_model
 from qat.metrics import evaluate, plot_confusion
-from qat.recipes.base import RecipeContext, RecipeSpec
+from qat.recipes.base import RecipeContext, RecipeSpec, tflite_int8_us_per_clip
 from qat.tracking import Tracker
 from qat.training.checkpoints import (INFO_FILE, MODEL_FILE, cached_float_model, digest, file_digest, load_model_dir,
                                       save_model_dir)
@@ -263,7 +261,7 @@ def load_saved_float_model(run_dir: str):
 EXPORTS = ("c",)
 
 
-def export_saved_run(spec: RunSpec, run_dir: str, export: str, tflite_clips: int = 100) -> Dict[str, Any]:
+def export_saved_run(spec: RunSpec, run_dir: str, export: str) -> Dict[str, Any]:
     """`evaluate.py export=c`: the C99 export of a finished integer-mode run into `<run_dir>/c/`,
     compiled and run on the test clips' int8 features (also left there as test_clips.i8 with
     test_labels.u8), compared with the numpy reference; report.json adds the TFLite int8
@@ -288,9 +286,7 @@ def export_saved_run(spec: RunSpec, run_dir: str, export: str, tflite_clips: int
     report = export_c(IntegerModel.load(str(packed)), x8, out)
     x8.tofile(out / "test_clips.i8")
     np.asarray(feats.y["test"], np.uint8).tofile(out / "test_labels.u8")
-    tflite, _ = tflite_model(model, "int8", calibration_clips(feats.x["train"], 200, spec.seed))
-    tflite.predict(feats.x["test"][:tflite_clips])
-    report["tflite_int8_us_per_clip"] = 1000 * float(np.median(tflite.latencies_ms))
+    report["tflite_int8_us_per_clip"] = tflite_int8_us_per_clip(model, feats, spec.seed)
     write_json(out / "report.json", report)
     return report
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Mapping, Optional, Type
 
+import numpy as np
+
+from qat.algorithms.calibration import calibration_clips
 from qat.algorithms.predict import PredictSpec
 from qat.checks import Bits, Checked, Flag, Integer, Nullable, OneOf, setting
 from qat.data.datasets import DataSpec
@@ -21,6 +24,7 @@ from qat.data.features import Features, FeatureSpec
 from qat.errors import ConfigError
 from qat.export.c_source import export_c
 from qat.export.integer import IntegerModel, integer_inputs, integer_summary
+from qat.export.tflite import tflite_model
 from qat.layers.model import INTEGER_TOPOLOGY, QuantConfig, integer_modes
 from qat.quant.integer import ACT_BITS, STATE_BITS
 from qat.quant.quantizers import RANGE, Strategy
@@ -103,13 +107,25 @@ class QuantOptions(Checked):
                                            self.percentile), strategy=strategy, integer=True)
 
 
-def integer_results(qmodel, packed: Path, feats: Features, run_dir: Path) -> Dict[str, Any]:
+def tflite_int8_us_per_clip(float_model, feats: Features, seed: int, clips: int = 100) -> float:
+    """Median time per clip of the TFLite int8 interpreter running `float_model` converted to full
+    integer int8 (calibrated on 200 training clips), over the first `clips` test clips: the
+    comparison for the C kernel's time."""
+    tflite, _ = tflite_model(float_model, "int8", calibration_clips(feats.x["train"], 200, seed))
+    tflite.predict(feats.x["test"][:clips])
+    return 1000.0 * float(np.median(tflite.latencies_ms))
+
+
+def integer_results(ctx: "RecipeContext", qmodel, packed: Path) -> Dict[str, Any]:
     """`integer/*` summary keys of an integer-mode run: the numpy reference from the packed file
-    against the fake-quant model on the test clips, and the C export (run_dir/c) compiled, run and
-    compared with the reference where a C compiler exists."""
+    against the fake-quant model on the test clips, the C export (run_dir/c) compiled, run and
+    compared with the reference where a C compiler exists, and the TFLite int8 interpreter's time
+    per clip for the same float model beside the C kernel's."""
+    feats = ctx.feats
     summary = integer_summary(qmodel, packed, feats.x["test"], feats.y["test"])
-    report = export_c(IntegerModel.load(str(packed)), integer_inputs(qmodel, feats.x["test"]), run_dir / "c")
-    summary.update({"integer/c_agreement": report["agreement"], "integer/c_us_per_clip": report["us_per_clip"]})
+    report = export_c(IntegerModel.load(str(packed)), integer_inputs(qmodel, feats.x["test"]), ctx.run_dir / "c")
+    summary.update({"integer/c_agreement": report["agreement"], "integer/c_us_per_clip": report["us_per_clip"],
+                    "integer/tflite_int8_us_per_clip": tflite_int8_us_per_clip(ctx.float_model, feats, ctx.seed)})
     return summary
 
 

@@ -102,7 +102,7 @@ class Ptq(Recipe):
         packed = ctx.run_dir / f"model_{bits.bits}bit.qlstm"
         summary["quant/size_bytes"] = write_packed_model(qmodel, packed)
         if opts.integer:
-            summary.update(integer_results(qmodel, packed, feats, ctx.run_dir))
+            summary.update(integer_results(ctx, qmodel, packed))
         ctx.tracker.table("quant/weight_error", REPORT_COLUMNS, report_rows(report))
         return RecipeResult(qmodel, summary, {"packed": packed})
 

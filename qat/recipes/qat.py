@@ -150,7 +150,7 @@ class Qat(Recipe):
         summary["qat/packed_matches"] = packed_predictions_match(qmodel, model, opts.quant_config(bits, opts.strategy),
                                                                  path, feats.x["test"])
         if opts.integer:
-            summary.update(integer_results(qmodel, path, feats, ctx.run_dir))
+            summary.update(integer_results(ctx, qmodel, path))
         ctx.tracker.table("quant/weight_error", REPORT_COLUMNS, report_rows(report))
         return RecipeResult(qmodel, summary, {"packed": path})
 
