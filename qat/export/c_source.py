@@ -123,11 +123,18 @@ static void accumulate(const qlstm_codes_t *w, int32_t row0, const int8_t *x, in
                                       + offset;
                 }
             } else {
-                int s;
-                for (j = 0; j < stride; j++)
-                    for (s = 0; s < 4; s++)
-                        acc[4 * j + s] += x0 * ((r0[j] >> (2 * s)) & 3) + x1 * ((r1[j] >> (2 * s)) & 3)
-                                          + x2 * ((r2[j] >> (2 * s)) & 3) + x3 * ((r3[j] >> (2 * s)) & 3) + offset;
+                for (j = 0; j < stride; j++) {
+                    uint32_t b0 = r0[j], b1 = r1[j], b2 = r2[j], b3 = r3[j];
+                    int32_t *a4 = acc + 4 * j;
+                    a4[0] += x0 * (int32_t)(b0 & 3u) + x1 * (int32_t)(b1 & 3u) + x2 * (int32_t)(b2 & 3u)
+                             + x3 * (int32_t)(b3 & 3u) + offset;
+                    a4[1] += x0 * (int32_t)((b0 >> 2) & 3u) + x1 * (int32_t)((b1 >> 2) & 3u)
+                             + x2 * (int32_t)((b2 >> 2) & 3u) + x3 * (int32_t)((b3 >> 2) & 3u) + offset;
+                    a4[2] += x0 * (int32_t)((b0 >> 4) & 3u) + x1 * (int32_t)((b1 >> 4) & 3u)
+                             + x2 * (int32_t)((b2 >> 4) & 3u) + x3 * (int32_t)((b3 >> 4) & 3u) + offset;
+                    a4[3] += x0 * (int32_t)(b0 >> 6) + x1 * (int32_t)(b1 >> 6) + x2 * (int32_t)(b2 >> 6)
+                             + x3 * (int32_t)(b3 >> 6) + offset;
+                }
             }
         }
     }
