@@ -12,18 +12,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Mapping, Optional, Type
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Type
 
 import numpy as np
 
 from qat.algorithms.calibration import calibration_clips
 from qat.algorithms.predict import PredictSpec
+from qat.algorithms.report import REPORT_COLUMNS, report_rows, report_summary, weight_report
 from qat.checks import Bits, Checked, Flag, Integer, Nullable, OneOf, setting
 from qat.data.datasets import DataSpec
 from qat.data.features import Features, FeatureSpec
 from qat.errors import ConfigError
 from qat.export.c_source import export_c
 from qat.export.integer import IntegerModel, integer_inputs, integer_summary
+from qat.export.packed import write_packed_model
 from qat.export.tflite import tflite_model
 from qat.layers.model import INTEGER_TOPOLOGY, QuantConfig, integer_modes
 from qat.quant.integer import ACT_BITS, STATE_BITS
@@ -127,6 +129,23 @@ def integer_results(ctx: "RecipeContext", qmodel, packed: Path) -> Dict[str, Any
     summary.update({"integer/c_agreement": report["agreement"], "integer/c_us_per_clip": report["us_per_clip"],
                     "integer/tflite_int8_us_per_clip": tflite_int8_us_per_clip(ctx.float_model, feats, ctx.seed)})
     return summary
+
+
+def quantized_result(ctx: "RecipeContext", qmodel, integer: bool, summary: Dict[str, Any],
+                     check_packed: Optional[Callable[[Path], Dict[str, Any]]] = None) -> "RecipeResult":
+    """How every recipe that quantizes with qat.layers ends: the per-tensor error report, the packed
+    file `model_<bits>bit.qlstm` (`quant/size_bytes`; `check_packed(path)` adds its own keys), the
+    integer figures in integer mode, the W&B error table."""
+    report = weight_report(ctx.float_model, qmodel)
+    summary.update(report_summary(report, qmodel))
+    packed = ctx.run_dir / f"model_{ctx.bits.bits}bit.qlstm"
+    summary["quant/size_bytes"] = write_packed_model(qmodel, str(packed))
+    if check_packed is not None:
+        summary.update(check_packed(packed))
+    if integer:
+        summary.update(integer_results(ctx, qmodel, packed))
+    ctx.tracker.table("quant/weight_error", REPORT_COLUMNS, report_rows(report))
+    return RecipeResult(qmodel, summary, {"packed": packed})
 
 
 @dataclass

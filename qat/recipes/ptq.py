@@ -20,13 +20,11 @@ from qat.algorithms.bias_correction import bias_correct
 from qat.algorithms.calibration import batches, calibrate, calibration_clips
 from qat.algorithms.gptq import gptq
 from qat.algorithms.predict import predict_summary
-from qat.algorithms.report import REPORT_COLUMNS, report_rows, report_summary, weight_report
 from qat.algorithms.rounding import refine_rounding
 from qat.checks import Flag, Integer, Number, setting
-from qat.export.packed import write_packed_model
 from qat.layers.model import freeze_ranges, quantize_model
 from qat.metrics import predict
-from qat.recipes.base import (BitWidths, QuantOptions, Recipe, RecipeContext, RecipeResult, integer_results,
+from qat.recipes.base import (BitWidths, QuantOptions, Recipe, RecipeContext, RecipeResult, quantized_result,
                               register)
 
 ESTIMATOR_CANDIDATES = ("minmax", "mse")
@@ -97,14 +95,7 @@ class Ptq(Recipe):
         if bits.quantizes_activations:
             calibrate(qmodel, batches(calib))
         freeze_ranges(qmodel)          # the evaluated model is the deployable one (see export)
-        report = weight_report(model, qmodel)
-        summary.update(report_summary(report, qmodel))
-        packed = ctx.run_dir / f"model_{bits.bits}bit.qlstm"
-        summary["quant/size_bytes"] = write_packed_model(qmodel, packed)
-        if opts.integer:
-            summary.update(integer_results(ctx, qmodel, packed))
-        ctx.tracker.table("quant/weight_error", REPORT_COLUMNS, report_rows(report))
-        return RecipeResult(qmodel, summary, {"packed": packed})
+        return quantized_result(ctx, qmodel, opts.integer, summary)
 
 
 register(Ptq("ptq"))

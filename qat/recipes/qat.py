@@ -22,14 +22,13 @@ import numpy as np
 import tf_keras as keras
 
 from qat.algorithms.calibration import batches, calibrate, calibration_clips
-from qat.algorithms.report import REPORT_COLUMNS, report_rows, report_summary, weight_report
 from qat.checks import Bits, Flag, Integer, ListOf, Nullable, Number, rejected, setting
 from qat.data.augment import training_data
-from qat.export.packed import load_packed_model, write_packed_model
+from qat.export.packed import load_packed_model
 from qat.layers.model import QuantConfig, find_layer, freeze_ranges, leaf_layers, quantize_model
 from qat.metrics import predict_classes
 from qat.quant.quantizers import LSQ, RANGE, Strategy
-from qat.recipes.base import (BitWidths, QuantOptions, Recipe, RecipeContext, RecipeResult, integer_results,
+from qat.recipes.base import (BitWidths, QuantOptions, Recipe, RecipeContext, RecipeResult, quantized_result,
                               register)
 from qat.training.fit import fit, set_seed
 
@@ -139,20 +138,13 @@ class Qat(Recipe):
             history.append({"bits": stage_bits, **result})
             seconds.append(result["sec_per_epoch"])
         freeze_ranges(qmodel)
-        report = weight_report(model, qmodel)
-        summary: Dict[str, Any] = report_summary(report, qmodel)
-        path = ctx.run_dir / f"model_{bits.bits}bit.qlstm"
-        summary["quant/size_bytes"] = write_packed_model(qmodel, str(path))
-        summary.update({"qat/epochs": sum(h["epochs"] for h in history), "qat/max_epochs": epochs,
-                        "qat/learning_rate": learning_rate, "qat/sec_per_epoch": float(np.median(seconds)),
-                        "qat/stages": stages, "qat/learned": opts.learned,
-                        "qat/best_epoch": history[-1]["best_epoch"]})
-        summary["qat/packed_matches"] = packed_predictions_match(qmodel, model, opts.quant_config(bits, opts.strategy),
-                                                                 path, feats.x["test"])
-        if opts.integer:
-            summary.update(integer_results(ctx, qmodel, path))
-        ctx.tracker.table("quant/weight_error", REPORT_COLUMNS, report_rows(report))
-        return RecipeResult(qmodel, summary, {"packed": path})
+        summary: Dict[str, Any] = {"qat/epochs": sum(h["epochs"] for h in history), "qat/max_epochs": epochs,
+                                   "qat/learning_rate": learning_rate, "qat/sec_per_epoch": float(np.median(seconds)),
+                                   "qat/stages": stages, "qat/learned": opts.learned,
+                                   "qat/best_epoch": history[-1]["best_epoch"]}
+        cfg = opts.quant_config(bits, opts.strategy)
+        return quantized_result(ctx, qmodel, opts.integer, summary, lambda path: {
+            "qat/packed_matches": packed_predictions_match(qmodel, model, cfg, path, feats.x["test"])})
 
 
 register(Qat("qat"))
