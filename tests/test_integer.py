@@ -264,3 +264,32 @@ def test_aggregate_table_shows_the_integer_cost_figures():
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
     assert cells["integer agreement %"] == "100.00 ± 0.00" and cells["flash (KiB)"] == "2.00 ± 0.00"
     assert cells["RAM (B)"] == "300.50 ± 0.71" and cells["C us / clip"] == "15.00 ± 7.07"
+
+
+@pytest.mark.slow
+def test_export_c_of_a_run_that_is_not_integer_is_one_line(speech_commands_root, tmp_path):
+    proc = run("train.py", *small(tmp_path, "plain"), "quant=none", "logger=none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = run("evaluate.py", f"run_dir={tmp_path / 'plain'}", "export=c", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert ev.returncode == 2 and ev.stderr.strip().splitlines()[-1].startswith("error: export=c is not allowed")
+    assert "not an integer-mode run" in ev.stderr and not (tmp_path / "plain" / "c").exists()
+
+
+def test_weights_only_config_of_an_integer_config_is_a_plain_fake_quant_one():
+    cfg = _config().weights_only()
+    assert not cfg.integer and cfg.inputs is None and cfg.weights == _config().weights
+    assert integer_modes(_model(False), cfg) == {}
+
+
+@pytest.mark.slow
+def test_integer_ptq_run_with_gptq_bias_correction_and_refinement(speech_commands_root, tmp_path):
+    """quant=ptq quant.integer=true: search, GPTQ, bias correction and rounding refinement run on the
+    integer model, whose numpy reference and C agree with it on every test clip."""
+    proc = run("train.py", *small(tmp_path, "ptq"), "quant=ptq", "bits=3", "act_bits=8", "state_bits=12",
+               "quant.integer=true", "quant.refine_epochs=1", "logger=none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "ptq" / "summary.json").read_text())
+    assert s["integer/agreement"] == 1.0 and s["integer/logits_match"] == 1.0 and s["integer/state_bits"] == 12
+    assert s["quant/levels_ok"] and "ptq/refine/kept" in s and isinstance(s["predict/degradation"], float)
+    if find_compiler() is not None:
+        assert s["integer/c_agreement"] == 1.0

@@ -69,8 +69,8 @@ class QuantConfig:
         return any(s is not None for s in (self.inputs, self.gates, self.state))
 
     def weights_only(self) -> "QuantConfig":
-        """The same config with activations, gates and state left float."""
-        return replace(self, inputs=None, gates=None, state=None)
+        """The same config with activations, gates and state left float (so not in integer mode)."""
+        return replace(self, inputs=None, gates=None, state=None, integer=False)
 
 
 # float recurrent layer type -> its quantized twin
