@@ -22,10 +22,10 @@ from qat.data.features import Features, FeatureSpec, load_features, normalizatio
 from qat.errors import ConfigError, DataError
 from qat.export.c_source import export_c
 from qat.export.integer import IntegerModel, integer_inputs
-from qat.export.packed import load_packed_model
+from qat.export.packed import model_from_packed
 from qat.io import make_dirs, write_json
 from qat.layers.fold import fold_batch_norms
-from qat.layers.model import check_quantizable, freeze_ranges, quantize_model
+from qat.layers.model import check_quantizable
 from qat.metrics import evaluate, plot_confusion
 from qat.recipes.base import RecipeContext, RecipeSpec, tflite_int8_us_per_clip
 from qat.tracking import Tracker
@@ -278,16 +278,13 @@ def export_saved_run(spec: RunSpec, run_dir: str, export: str) -> Dict[str, Any]
     feats = load_features(spec.data, spec.features, spec.cache_dir)
     model, _ = load_saved_float_model(run_dir)
     model = fold_batch_norms(model)[0]
-    qmodel = quantize_model(model, options.quant_config(spec.recipe.bits))
-    freeze_ranges(qmodel)
-    load_packed_model(qmodel, str(packed))
+    qmodel = model_from_packed(model, options.quant_config(spec.recipe.bits), str(packed))
     x8 = integer_inputs(qmodel, feats.x["test"])
     out = Path(run_dir) / "c"
-    report = export_c(IntegerModel.load(str(packed)), x8, out)
+    report = export_c(IntegerModel.load(str(packed)), x8, out,
+                      extra={"tflite_int8_us_per_clip": tflite_int8_us_per_clip(model, feats, spec.seed)})
     x8.tofile(out / "test_clips.i8")
     np.asarray(feats.y["test"], np.uint8).tofile(out / "test_labels.u8")
-    report["tflite_int8_us_per_clip"] = tflite_int8_us_per_clip(model, feats, spec.seed)
-    write_json(out / "report.json", report)
     return report
 
 

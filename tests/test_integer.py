@@ -128,7 +128,7 @@ def test_numpy_reference_gives_the_fake_quant_models_integer_logits(tmp_path, st
     assert x8.dtype == np.int8
     logits = ref.run(x8)
     assert np.array_equal(logits, integer_logits(q, x))
-    s = integer_summary(q, str(path), x, np.zeros(len(x), int))
+    s = integer_summary(q, ref, logits, x, np.zeros(len(x), int))
     assert s["integer/agreement"] == 1.0 and s["integer/logits_match"] == 1.0
     assert s["integer/macs_per_clip"] == 10 * sum(l.kernel.size + l.recurrent.size for l in ref.recurrent) \
         + ref.dense.kernel.size

@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from qat.errors import DataError
-from qat.export.integer import IntegerGru, IntegerLstm, IntegerModel
+from qat.export.integer import IntegerGru, IntegerModel
 from qat.export.packed import pack_bits
 from qat.io import make_dirs, write_json
 from qat.quant import integer as iq
@@ -355,9 +355,6 @@ def model_source(model: IntegerModel) -> Dict[str, str]:
 
 def write_c(model: IntegerModel, out_dir: Path) -> Path:
     """Write the kernel, the model's constants and main.c into `out_dir`."""
-    bad = [layer.name for layer in model.recurrent if not isinstance(layer, (IntegerLstm, IntegerGru))]
-    if bad:
-        raise DataError(f"layers {bad} cannot be exported to C")
     out = make_dirs(Path(out_dir))
     files = {"qlstm_kernel.h": KERNEL_H, "qlstm_kernel.c": KERNEL_C, "main.c": MAIN_C, **model_source(model)}
     for name, text in files.items():
@@ -399,10 +396,12 @@ def run_c(exe: Path, x8: np.ndarray, work: Path, repeat: int = 1):
     return rows[:, 0], rows[:, 1:]
 
 
-def export_c(model: IntegerModel, x8: np.ndarray, out_dir: Path, timing_repeat: int = 5) -> Dict[str, Any]:
+def export_c(model: IntegerModel, x8: np.ndarray, out_dir: Path, timing_repeat: int = 5,
+             expected: Optional[np.ndarray] = None, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Write the C export of `model`, and where a compiler exists compile it, run the clips `x8`
     through it and write `report.json`: `agreement` (share of clips whose every C logit equals the
-    numpy reference's), the bytes, MACs and microseconds per clip (best of `timing_repeat` passes)."""
+    numpy reference's: `expected`, or `model.run(x8)`), the bytes, MACs and microseconds per clip
+    (best of `timing_repeat` passes), and `extra` figures."""
     out = write_c(model, out_dir)
     weight = model.weight_bytes()
     report: Dict[str, Any] = {"weight_bytes": weight["total"], "weight_bytes_parts": weight,
@@ -415,10 +414,11 @@ def export_c(model: IntegerModel, x8: np.ndarray, out_dir: Path, timing_repeat: 
     else:
         exe = compile_c(out, compiler)
         classes, logits = run_c(exe, x8, out)
-        expected = model.run(x8)
+        expected = model.run(x8) if expected is None else expected
         report["agreement"] = float(np.mean(np.all(logits == expected, axis=1))) if len(x8) else None
         report["class_agreement"] = float(np.mean(classes == np.argmax(expected, axis=1))) if len(x8) else None
         report["us_per_clip"] = 1e6 * run_c(exe, x8, out, repeat=timing_repeat) if len(x8) else None
         (out / "clips.i8").unlink(missing_ok=True)
+    report.update(extra or {})
     write_json(out / "report.json", report)
     return report

@@ -10,7 +10,7 @@ The first layer's input zero point is folded into its bias (bias - z * column su
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -132,7 +132,6 @@ class IntegerModel:
     recurrent: List[Any]
     dense: IntegerDense
     weight_code_bytes: int = 0        # the packed codes, as stored in flash
-    meta: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str) -> "IntegerModel":
@@ -183,7 +182,7 @@ class IntegerModel:
                 m, n = iq.multiplier(k_scale / top)
                 dense = IntegerDense(name, entry["units"], k.bits, k.codes.astype(np.int64),
                                      _bias_codes(bias, s_x * k_scale, entry["units"]), m, n, float(s_x * top))
-        return cls(tuple(layout["input_shape"]), input_bits, first_scale, zero, layers, dense, code_bytes, layout)
+        return cls(tuple(layout["input_shape"]), input_bits, first_scale, zero, layers, dense, code_bytes)
 
     def run(self, x8: np.ndarray) -> np.ndarray:
         """int8 features [N, T, F] -> int32 logits [N, classes] (int64 array), in batches."""
@@ -273,12 +272,10 @@ def integer_logits(qmodel, x: np.ndarray) -> np.ndarray:
                            for s in range(0, len(x), BATCH)])
 
 
-def integer_summary(qmodel, packed_path: str, x: np.ndarray, y: np.ndarray) -> Dict[str, Any]:
-    """`integer/*` summary keys: the numpy reference run from the packed file on the test clips'
-    int8 features, its accuracy, its agreement with the fake-quant model (classes, and identical
-    integer logits) and the cost figures."""
-    ref = IntegerModel.load(str(packed_path))
-    logits = ref.run(integer_inputs(qmodel, x))
+def integer_summary(qmodel, ref: IntegerModel, logits: np.ndarray, x: np.ndarray, y: np.ndarray) -> Dict[str, Any]:
+    """`integer/*` summary keys: the accuracy of the numpy reference `ref`, whose int32 logits on the
+    clips x (their int8 features) are `logits`, its agreement with the fake-quant model (classes,
+    and identical integer logits) and the cost figures."""
     classes = np.argmax(logits, axis=1)
     same_logits = np.all(logits == integer_logits(qmodel, x), axis=1)
     weight = ref.weight_bytes()

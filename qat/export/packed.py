@@ -12,7 +12,8 @@ import numpy as np
 
 from qat.errors import DataError
 from qat.io import atomic_path
-from qat.layers.model import integer_layout, leaf_layers, quantized_layers, quantized_weights
+from qat.layers.model import (QuantConfig, freeze_ranges, integer_layout, leaf_layers, quantize_model, quantized_layers,
+                              quantized_weights)
 
 MAGIC = b"QLSTMPK2"
 OLDER = (b"QLSTMPK1",)   # formats this version no longer reads
@@ -183,3 +184,12 @@ def load_packed_model(qmodel, path: str) -> None:
         for v in layer.weights:
             if id(v) not in skip:
                 v.assign(tensors[_variable_key(layer, v)])
+
+
+def model_from_packed(float_model, cfg: QuantConfig, path: str):
+    """The fake-quant twin of `float_model` under `cfg`, ranges frozen, with every variable from the
+    packed file: the model the file alone describes."""
+    qmodel = quantize_model(float_model, cfg)
+    freeze_ranges(qmodel)
+    load_packed_model(qmodel, path)
+    return qmodel

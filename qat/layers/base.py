@@ -35,7 +35,7 @@ class QuantizedLayer:
         self.integer: Optional[IntegerMode] = IntegerMode.of(integer)
         if self.integer is not None and not self.supports_integer:
             raise ConfigError(f"integer mode is not available for {type(self).__name__} layer '{self.name}': "
-                              "expected LSTM and Dense layers")
+                              "expected LSTM, GRU and Dense layers")
         if self.integer is not None and self.strategy is LSQ:
             raise ConfigError(f"integer mode is not allowed with learned step sizes (layer '{self.name}'): "
                               "expected the range strategy (quant=qat or ptq)")

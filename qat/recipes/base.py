@@ -123,11 +123,14 @@ def integer_results(ctx: "RecipeContext", qmodel, packed: Path) -> Dict[str, Any
     against the fake-quant model on the test clips, the C export (run_dir/c) compiled, run and
     compared with the reference where a C compiler exists, and the TFLite int8 interpreter's time
     per clip for the same float model beside the C kernel's."""
-    feats = ctx.feats
-    summary = integer_summary(qmodel, packed, feats.x["test"], feats.y["test"])
-    report = export_c(IntegerModel.load(str(packed)), integer_inputs(qmodel, feats.x["test"]), ctx.run_dir / "c")
+    x, y = ctx.feats.x["test"], ctx.feats.y["test"]
+    ref, x8 = IntegerModel.load(str(packed)), integer_inputs(qmodel, x)
+    logits = ref.run(x8)
+    summary = integer_summary(qmodel, ref, logits, x, y)
+    report = export_c(ref, x8, ctx.run_dir / "c", expected=logits)
     summary.update({"integer/c_agreement": report["agreement"], "integer/c_us_per_clip": report["us_per_clip"],
-                    "integer/tflite_int8_us_per_clip": tflite_int8_us_per_clip(ctx.float_model, feats, ctx.seed)})
+                    "integer/tflite_int8_us_per_clip": tflite_int8_us_per_clip(ctx.float_model, ctx.feats,
+                                                                                           ctx.seed)})
     return summary
 
 

@@ -24,7 +24,7 @@ import tf_keras as keras
 from qat.algorithms.calibration import batches, calibrate, calibration_clips
 from qat.checks import Bits, Flag, Integer, ListOf, Nullable, Number, rejected, setting
 from qat.data.augment import training_data
-from qat.export.packed import load_packed_model
+from qat.export.packed import model_from_packed
 from qat.layers.model import QuantConfig, find_layer, freeze_ranges, leaf_layers, quantize_model
 from qat.metrics import predict_classes
 from qat.quant.quantizers import LSQ, RANGE, Strategy
@@ -90,9 +90,7 @@ def copy_shadow_weights(src, dst) -> None:
 def packed_predictions_match(qmodel, float_model, cfg: QuantConfig, path: Path, x: np.ndarray) -> bool:
     """Rebuild the model from the packed file alone and check it predicts exactly the classes the
     fake-quant graph predicts: the reported accuracy is that of the real b-bit model."""
-    rebuilt = quantize_model(float_model, cfg)
-    freeze_ranges(rebuilt)
-    load_packed_model(rebuilt, str(path))
+    rebuilt = model_from_packed(float_model, cfg, str(path))
     return bool(np.array_equal(predict_classes(qmodel, x), predict_classes(rebuilt, x)))
 
 
