@@ -17,7 +17,9 @@ Two measurements, each interleaved so that the load drifts of a shared machine h
 
     python benchmarks/qat_epoch_time.py [--rounds 30] [--steps 10] [--epochs 5] [overrides, e.g. data=fsdd]
 
-The last line printed is one JSON object: model label -> median step ratio to float.
+The last line printed is one JSON object: the median step ratio to float of every model, keyed by
+recipe (`{"qat": <qat w4>, "qat_act": <qat w2 a4 s4>, "qat_lsq": <qat_lsq w2 a4 s4>, ...}`; the key
+of each model is in VARIANTS).
 """
 import argparse
 import json
@@ -47,12 +49,15 @@ from qat.layers.model import QuantConfig, quantize_model  # noqa: E402
 from qat.training.distill import Distiller  # noqa: E402
 from qat.training.models import build_model  # noqa: E402
 
-# (label, quant preset, bit-width overrides, distilled as the recipes do)
-VARIANTS = [("qat w4", "qat", ["bits=4"], True), ("qat w2", "qat", ["bits=2"], True),
-            ("qat w2, no distillation", "qat", ["bits=2"], False),
-            ("qat w2 a4 s4", "qat", ["bits=2", "act_bits=4", "state_bits=4"], True),
-            ("qat w2 a4 s4, no distillation", "qat", ["bits=2", "act_bits=4", "state_bits=4"], False),
-            ("qat_lsq w2 a4 s4", "qat_lsq", ["bits=2", "act_bits=4", "state_bits=4"], True)]
+ACT = ["bits=2", "act_bits=4", "state_bits=4"]
+# (key in the JSON line, table label, quant preset, bit-width overrides, distilled as the recipes do)
+VARIANTS = [("qat", "qat w4", "qat", ["bits=4"], True),
+            ("qat_w2", "qat w2", "qat", ["bits=2"], True),
+            ("qat_w2_no_distill", "qat w2, no distillation", "qat", ["bits=2"], False),
+            ("qat_act", "qat w2 a4 s4", "qat", ACT, True),
+            ("qat_act_no_distill", "qat w2 a4 s4, no distillation", "qat", ACT, False),
+            ("qat_lsq", "qat_lsq w2 a4 s4", "qat_lsq", ACT, True)]
+TWIN_KEY = "twin_no_quantizer"
 
 
 def composed_spec(overrides):
@@ -82,15 +87,16 @@ def main():
     cell = {"lstm": "LSTM", "gru": "GRU"}[spec.model.cell]
     models = {f"float (Keras {cell})": float_model,
               f"Q{cell} twin, no quantizer": quantize_model(float_model, QuantConfig())}
+    keys = {f"Q{cell} twin, no quantizer": TWIN_KEY}
     opts = spec.recipe.options
-    for label, preset, bits, distilled in VARIANTS:
+    for key, label, preset, bits, distilled in VARIANTS:
         recipe = composed_spec([f"quant={preset}", *bits, *args.overrides]).recipe
         q = quantize_model(float_model, recipe.options.quant_config(recipe.bits, recipe.options.strategy))
         if recipe.bits.quantizes_activations:
             calibrate(q, [x[:256]])
         if distilled and recipe.options.distill > 0:     # what fit() trains with quant.distill > 0
             q = Distiller(q, float_model, recipe.options.distill, recipe.options.temperature)
-        models[label] = q
+        models[label], keys[label] = q, key
     batch = spec.trainer.batch_size
     batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0).batch(batch).repeat()
     train_steps = {}
@@ -128,12 +134,13 @@ def main():
     for label in models:
         ratios = [a / b for a, b in zip(step_s[label], step_s[base])]
         lo, mid, hi = quartiles(ratios)
-        medians[label] = round(mid, 3)
+        if label in keys:
+            medians[keys[label]] = round(mid, 3)
         ep = (f"{statistics.median(epoch_s[label]):.2f} | "
               f"{statistics.median([a / b for a, b in zip(epoch_s[label], epoch_s[base])]):.2f}"
               if args.epochs else "- | -")
         print(f"| {label} | {1e3 * statistics.median(step_s[label]):.1f} | {mid:.2f} [{lo:.2f}, {hi:.2f}] | {ep} |")
-    print(json.dumps(medians))     # last line: the median step ratio of every model, for scripts
+    print(json.dumps(medians))     # last line: the median step ratio of every recipe, for scripts
 
 
 if __name__ == "__main__":

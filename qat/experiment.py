@@ -213,6 +213,7 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
     summary.setdefault("quant/size_bytes", summary["float/size_bytes"])
     # the physical limit: every parameter at `bits` bits, nothing else
     summary["quant/size_limit_bytes"] = -(-summary["float/params"] * bits.bits // 8)
+    summary["quant/size_ratio"] = summary["quant/size_bytes"] / summary["quant/size_limit_bytes"]
     summary["quant/degradation"] = 100.0 * (summary["float/test_acc"] - summary["quant/test_acc"])
     summary["quant/balanced_degradation"] = 100.0 * (summary["float/test_balanced_acc"]
                                                      - summary["quant/test_balanced_acc"])

@@ -37,15 +37,17 @@ def small_model(request):
     return build_model((7, 20), 4, specs.model(request.param, units=8), mean, var)
 
 
-def _config(bits, granularity):
-    recipe = specs.recipe("ptq_seed", f"bits={bits}", f"quant.granularity={granularity}")
+def _config(bits, granularity, scale_bits=None):
+    recipe = specs.recipe("ptq_seed", f"bits={bits}", f"quant.granularity={granularity}",
+                          f"quant.scale_bits={'null' if scale_bits is None else scale_bits}")
     return recipe.options.quant_config(recipe.bits)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits,scale_bits", [(2, None), (3, None), (4, None), (8, None), (2, 4), (4, 8), (8, 6)])
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
-def test_packed_model_is_bit_identical(small_model, tmp_path, bits, granularity):
-    qmodel = quantize_model(small_model, _config(bits, granularity))
+def test_packed_model_is_bit_identical(small_model, tmp_path, bits, scale_bits, granularity):
+    cfg = _config(bits, granularity, scale_bits)
+    qmodel = quantize_model(small_model, cfg)
     freeze_ranges(qmodel)       # deployment: the ranges are part of the exported model
     path = tmp_path / "m.qlstm"
     size = write_packed_model(qmodel, str(path))
@@ -57,7 +59,7 @@ def test_packed_model_is_bit_identical(small_model, tmp_path, bits, granularity)
     n_weights = sum(q.codes.size for q in quantized_weights(qmodel).values())
     assert size < n_weights * bits / 8 + 4096                          # b bits a weight plus a small header
 
-    fresh = quantize_model(small_model, _config(bits, granularity))
+    fresh = quantize_model(small_model, cfg)
     for v in fresh.weights:                                            # scramble, then reload from the file
         v.assign(np.random.default_rng(1).normal(size=v.shape).astype(np.float32))
     load_packed_model(fresh, str(path))
@@ -69,29 +71,46 @@ def test_not_a_packed_file(tmp_path):
     (tmp_path / "x").write_bytes(b"hello")
     with pytest.raises(DataError, match="not a packed weight file"):
         read_packed(str(tmp_path / "x"))
-    (tmp_path / "old").write_bytes(b"QLSTMPK1" + bytes(16))
-    with pytest.raises(DataError, match="older format"):
-        read_packed(str(tmp_path / "old"))
+    for old in (b"QLSTMPK1", b"QLSTMPK2"):
+        (tmp_path / "old").write_bytes(old + bytes(16))
+        with pytest.raises(DataError, match="older format"):
+            read_packed(str(tmp_path / "old"))
 
 
 @pytest.mark.parametrize("scheme", ["asymmetric", "symmetric"])
-@pytest.mark.parametrize("bits", [2, 3, 5])
-def test_packed_payload_is_codes_scales_and_integer_zero_points(small_model, tmp_path, scheme, bits):
-    """Per tensor: codes and zero points at `bits` bits, one float32 scale per group, no zero points
-    for the symmetric scheme (QuantSpec.packed_bytes); the zero points read back are the model's."""
-    spec = QuantSpec(bits, scheme, "per_channel")
-    qmodel = quantize_model(small_model, QuantConfig(weights=spec, bias=QuantSpec(bits, scheme)))
+@pytest.mark.parametrize("bits,scale_bits", [(2, None), (3, 8), (5, 5)])
+def test_packed_payload_is_codes_scales_and_small_zero_points(small_model, tmp_path, scheme, bits, scale_bits):
+    """Per tensor: codes at `bits` bits, one scale per group (float32, or `scale_bits` bits), the zero
+    points offset by their minimum at the width their spread needs (none for the symmetric scheme),
+    within QuantSpec.packed_bytes; the scales and zero points read back are the model's."""
+    spec = QuantSpec(bits, scheme, "per_channel", scale_bits=scale_bits)
+    qmodel = quantize_model(small_model, QuantConfig(weights=spec, bias=QuantSpec(bits, scheme, scale_bits=scale_bits)))
     freeze_ranges(qmodel)
     path = tmp_path / "m.qlstm"
     size = write_packed_model(qmodel, str(path))
     (header,) = struct.unpack("<I", path.read_bytes()[8:12])
     quantized = quantized_weights(qmodel)
     back = read_packed(str(path))
-    payload = sum(q.spec.packed_bytes(q.codes.size, q.scale.size) for q in quantized.values())
-    payload += sum(4 * v.size for k, v in back.items() if k not in quantized)
-    assert size == 12 + header + payload
+    floats = sum(4 * v.size for k, v in back.items() if k not in quantized)
+    expected = floats
+    for q in quantized.values():
+        groups = q.scale.size
+        zp_width = 0 if scheme == "symmetric" else int(q.zero_point.max() - q.zero_point.min()).bit_length()
+        expected += -(-q.codes.size * bits // 8) + (4 * groups if scale_bits is None else -(-groups * scale_bits // 8)) \
+            + -(-groups * zp_width // 8)
+    assert size == 12 + header + expected
+    assert size <= 12 + header + floats + sum(q.spec.packed_bytes(q.codes.size, q.scale.size) for q in quantized.values())
     for name, q in quantized.items():
         np.testing.assert_array_equal(back[name].zero_point, q.zero_point)
+        assert back[name].scale.tobytes() == np.asarray(q.scale, np.float32).tobytes()
+
+
+def test_unfrozen_scales_off_the_format_are_refused(small_model, tmp_path):
+    """A model whose scales were never snapped (not frozen) cannot be written as `scale_bits` codes."""
+    qmodel = quantize_model(small_model, QuantConfig(weights=QuantSpec(4, "asymmetric", "per_channel", scale_bits=5)))
+    with pytest.raises(ValueError, match="not on the 5-bit scale format"):
+        write_packed_model(qmodel, str(tmp_path / "m.qlstm"))
+    assert not (tmp_path / "m.qlstm").exists()
 
 
 @pytest.mark.parametrize("mode,tol", [("float16", 1e-2), ("dynamic", 5e-2), ("int8", 0.15)])

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -455,7 +455,7 @@ class MixedProposal:
 
 
 def _spec_at(base: QuantSpec, bits: int) -> QuantSpec:
-    return QuantSpec(bits, base.scheme, base.granularity, base.axis, base.estimator, base.percentile, base.narrow_range)
+    return replace(base, bits=bits)
 
 
 def propose_mixed(sens: Sensitivity, max_drop: float, bits: Sequence[int] = PREDICT_BITS,

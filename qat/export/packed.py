@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -14,9 +15,10 @@ from qat.errors import DataError
 from qat.io import atomic_path
 from qat.layers.model import (QuantConfig, freeze_ranges, integer_layout, leaf_layers, quantize_model, quantized_layers,
                               quantized_weights)
+from qat.quant.scale_codes import decode_scales, encode_scales
 
-MAGIC = b"QLSTMPK2"
-OLDER = (b"QLSTMPK1",)   # formats this version no longer reads
+MAGIC = b"QLSTMPK3"
+OLDER = (b"QLSTMPK1", b"QLSTMPK2")   # formats this version no longer reads
 
 
 # ------------------------------------------------------------------------------------ bit packing
@@ -37,6 +39,10 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     return (planes << np.arange(bits, dtype=np.uint32)).sum(axis=1).astype(np.uint32)
 
 
+def _packed_size(count: int, bits: int) -> int:
+    return -(-count * bits // 8)
+
+
 @dataclass(frozen=True)
 class PackedTensor:
     """A weight read back from a packed file: integer codes, scale, zero point, dequantized values."""
@@ -48,13 +54,32 @@ class PackedTensor:
     values: np.ndarray
 
 
-def _zero_point_bytes(zero_point, spec) -> bytes:
+def _scale_payload(scale, spec) -> Tuple[dict, bytes]:
+    """Header fields and bytes of a tensor's scales: float32, or `spec.scale_bits`-bit codes (the
+    scales must already be on that format: a frozen quantizer snaps them there)."""
+    scale = np.asarray(scale, np.float32)
+    if spec.scale_bits is None:
+        return {}, scale.tobytes()
+    coded = encode_scales(scale, spec.scale_bits)
+    if not np.array_equal(coded.decode(), scale):
+        raise ValueError(f"scales are not on the {spec.scale_bits}-bit scale format: freeze the model "
+                         "(qat.layers.model.freeze_ranges) before writing it")
+    return ({"scale_bits": spec.scale_bits, "scale_top": coded.top, "scale_exp_bits": coded.exp_bits},
+            pack_bits(coded.codes, spec.scale_bits))
+
+
+def _zero_point_payload(zero_point, spec) -> Tuple[dict, bytes]:
+    """Header fields and bytes of a tensor's zero points: none for the symmetric scheme, else small
+    integers, offset by their minimum and packed at the width their spread needs."""
     if spec.scheme == "symmetric":
-        return b""
+        return {}, b""
     zp = np.asarray(zero_point, np.float32)
     if not np.array_equal(zp, np.round(zp)) or zp.min() < spec.qmin or zp.max() > spec.qmax:
         raise ValueError(f"zero points must be integers in [{spec.qmin}, {spec.qmax}] to be packed")
-    return pack_bits(zp.astype(np.int64) - spec.qmin, spec.bits)
+    zp = zp.astype(np.int64)
+    low = int(zp.min())
+    width = int(zp.max() - low).bit_length()
+    return {"zp_min": low, "zp_bits": width}, pack_bits(zp - low, width) if width else b""
 
 
 def write_packed(path: str, quantized: Dict[str, object], float_tensors: Dict[str, np.ndarray],
@@ -63,12 +88,13 @@ def write_packed(path: str, quantized: Dict[str, object], float_tensors: Dict[st
     qat.layers.model.quantized_weights) packed at their bit-width, plus the tensors left in float32
     (e.g. normalisation statistics), into one file. Written atomically. Returns its size in bytes.
 
-    Layout: MAGIC, u32 header length, JSON header (the tensors and `meta`, e.g. the integer layout
-    of qat.layers.model.integer_layout), then the payloads at the offsets it lists. A
-    quantized tensor's payload: its scales as float32 (one per quantization group, what the model
-    computes with), its zero points (integers in [qmin, qmax]; absent for the symmetric scheme, where
-    they are 0) and its codes, both packed at the tensor's bit-width offset by qmin so they are
-    unsigned.
+    Layout: MAGIC, u32 header length, the header (zlib-compressed JSON: the tensors and `meta`, e.g.
+    the integer layout of qat.layers.model.integer_layout), then the payloads at the offsets it
+    lists. A quantized tensor's payload: its scales (one per quantization group: float32, or
+    `scale_bits`-bit codes of qat.quant.scale_codes, whose format parameters are in the header), its
+    zero points (absent for the symmetric scheme, where they are 0; else offset by their minimum and
+    packed at the width their spread needs) and its codes, packed at the tensor's bit-width offset by
+    qmin so they are unsigned. What the model computes with is what the file decodes to, exactly.
     """
     header, payloads, offset = {"tensors": [], **({"meta": meta} if meta else {})}, [], 0
 
@@ -80,15 +106,16 @@ def write_packed(path: str, quantized: Dict[str, object], float_tensors: Dict[st
 
     for name, q in quantized.items():
         spec = q.spec
+        scale_fields, scale_blob = _scale_payload(q.scale, spec)
+        zp_fields, zp_blob = _zero_point_payload(q.zero_point, spec)
         add({"name": name, "kind": "quantized", "shape": list(q.codes.shape), "bits": spec.bits,
              "qmin": spec.qmin, "scale_shape": list(np.shape(q.scale)), "scheme": spec.scheme,
-             "granularity": spec.granularity},
-            np.asarray(q.scale, np.float32).tobytes() + _zero_point_bytes(q.zero_point, spec)
-            + pack_bits(np.asarray(q.codes, np.int64) - spec.qmin, spec.bits))
+             "granularity": spec.granularity, **scale_fields, **zp_fields},
+            scale_blob + zp_blob + pack_bits(np.asarray(q.codes, np.int64) - spec.qmin, spec.bits))
     for name, value in float_tensors.items():
         value = np.asarray(value, np.float32)
         add({"name": name, "kind": "float32", "shape": list(value.shape)}, value.tobytes())
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(MAGIC + struct.pack("<I", len(head)) + head)
@@ -112,7 +139,29 @@ def _read(path: str):
         raise DataError(f"{path} is not a packed weight file (expected it to start with {MAGIC!r})")
     (n,) = struct.unpack("<I", raw[len(MAGIC): len(MAGIC) + 4])
     start = len(MAGIC) + 4
-    return json.loads(raw[start: start + n]), memoryview(raw)[start + n:]
+    return json.loads(zlib.decompress(raw[start: start + n])), memoryview(raw)[start + n:]
+
+
+def _read_quantized(t: dict, blob: bytes) -> PackedTensor:
+    k = int(np.prod(t["scale_shape"], dtype=np.int64))
+    if "scale_bits" in t:
+        end = _packed_size(k, t["scale_bits"])
+        scale = decode_scales(unpack_bits(blob[:end], t["scale_bits"], k), t["scale_bits"], t["scale_top"],
+                              t["scale_exp_bits"])
+    else:
+        end = 4 * k
+        scale = np.frombuffer(blob[:end], np.float32)
+    zero_point = np.zeros(k, np.float32)
+    if t["scheme"] != "symmetric":
+        width = t["zp_bits"]
+        stored = unpack_bits(blob[end: end + _packed_size(k, width)], width, k) if width else np.zeros(k, np.uint32)
+        zero_point = (stored.astype(np.int64) + t["zp_min"]).astype(np.float32)
+        end += _packed_size(k, width)
+    scale, zero_point = scale.reshape(t["scale_shape"]), zero_point.reshape(t["scale_shape"])
+    count = int(np.prod(t["shape"], dtype=np.int64))
+    codes = (unpack_bits(blob[end:], t["bits"], count).astype(np.int64) + t["qmin"]).reshape(t["shape"])
+    values = (scale * (codes.astype(np.float32) - zero_point)).astype(np.float32)
+    return PackedTensor(codes.astype(np.int32), scale, zero_point, t["bits"], values)
 
 
 def read_packed(path: str) -> Dict[str, object]:
@@ -121,20 +170,8 @@ def read_packed(path: str) -> Dict[str, object]:
     out = {}
     for t in header["tensors"]:
         blob = bytes(body[t["offset"]: t["offset"] + t["nbytes"]])
-        if t["kind"] == "float32":
-            out[t["name"]] = np.frombuffer(blob, np.float32).reshape(t["shape"])
-            continue
-        k = int(np.prod(t["scale_shape"], dtype=np.int64))
-        scale = np.frombuffer(blob[: 4 * k], np.float32).reshape(t["scale_shape"])
-        zp_bytes = 0 if t["scheme"] == "symmetric" else (k * t["bits"] + 7) // 8
-        zero_point = np.zeros(k, np.float32) if not zp_bytes else \
-            (unpack_bits(blob[4 * k: 4 * k + zp_bytes], t["bits"], k).astype(np.int64) + t["qmin"]).astype(np.float32)
-        zero_point = zero_point.reshape(t["scale_shape"])
-        count = int(np.prod(t["shape"], dtype=np.int64))
-        codes = (unpack_bits(blob[4 * k + zp_bytes:], t["bits"], count).astype(np.int64)
-                 + t["qmin"]).reshape(t["shape"])
-        values = (scale * (codes.astype(np.float32) - zero_point)).astype(np.float32)
-        out[t["name"]] = PackedTensor(codes.astype(np.int32), scale, zero_point, t["bits"], values)
+        out[t["name"]] = np.frombuffer(blob, np.float32).reshape(t["shape"]) if t["kind"] == "float32" \
+            else _read_quantized(t, blob)
     return out
 
 

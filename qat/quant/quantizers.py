@@ -25,7 +25,8 @@ import tensorflow as tf
 from qat.checks import OneOf
 from qat.errors import ConfigError
 from qat.quant.ops import fake_quant, fused_fake_quant, lsq_fake_quant, qparams_tf
-from qat.quant.reference import estimate_range, qparams, reduce_axes
+from qat.quant.reference import estimate_range, qparams, reduce_axes, zero_point_at
+from qat.quant.scale_codes import snap_scales
 from qat.quant.spec import QuantSpec
 
 MIN_LEARNED_SCALE = 1e-8
@@ -127,10 +128,12 @@ class RangeWeightQuantizer(WeightQuantizer):
 
     def freeze(self, w) -> None:
         """Store the scale / zero point the weight has now and stop following it: re-quantizing the
-        exported grid values then gives them back exactly."""
-        scale, zp = qparams_tf(*self._live_range(tf.convert_to_tensor(w)), self.spec)
-        self.frozen_scale.assign(tf.reshape(scale, self.frozen_scale.shape))
-        self.frozen_zero_point.assign(tf.reshape(zp, self.frozen_zero_point.shape))
+        exported grid values then gives them back exactly. With `spec.scale_bits` the scale is first
+        snapped onto its stored format (qat.quant.scale_codes) and the zero point follows it."""
+        lo, hi = (t.numpy() for t in self._live_range(tf.convert_to_tensor(w)))
+        scale = snap_scales(qparams(lo, hi, self.spec)[0], self.spec.scale_bits)
+        self.frozen_scale.assign(self._grouped(scale))
+        self.frozen_zero_point.assign(self._grouped(zero_point_at(lo, scale, self.spec)))
         self.frozen.assign(1.0)
 
     def load_frozen(self, scale, zero_point) -> None:
@@ -173,7 +176,10 @@ class LsqWeightQuantizer(WeightQuantizer):
         return lsq_fake_quant(w, scale, offset, self.spec.qmin, self.spec.qmax, self._grad_scale)
 
     def freeze(self, w) -> None:
-        """Stop training the scale and offset."""
+        """Stop training the scale and offset; the scale snapped onto its stored format."""
+        if float(self.frozen.numpy()) == 0.0:
+            learned = np.maximum(self.scale.numpy(), MIN_LEARNED_SCALE)
+            self.scale.assign(snap_scales(learned, self.spec.scale_bits))
         self.frozen.assign(1.0)
 
     def load_frozen(self, scale, zero_point) -> None:

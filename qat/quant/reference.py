@@ -90,8 +90,16 @@ def qparams(lo, hi, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     # a range near the float32 limits: hi - lo overflows, the scale does not
     scale = np.where(np.isfinite(scale), scale, hi / levels - lo / levels)
     scale = np.where(scale > TINY, scale, np.float32(1)).astype(np.float32)
-    zero_point = np.clip(np.round(-lo / scale), spec.qmin, spec.qmax).astype(np.float32)
-    return scale, zero_point
+    return scale, zero_point_at(lo, scale, spec)
+
+
+def zero_point_at(lo, scale, spec: QuantSpec) -> np.ndarray:
+    """The zero point `qparams` gives the range starting at lo for a given scale (0 when symmetric)."""
+    scale = np.asarray(scale, np.float32)
+    if spec.scheme == "symmetric":
+        return np.zeros_like(scale)
+    lo = np.minimum(np.asarray(lo, np.float32), np.float32(0))
+    return np.clip(np.round(-lo / scale), spec.qmin, spec.qmax).astype(np.float32)
 
 
 def quantize_np(x, scale, zero_point, spec: QuantSpec) -> np.ndarray:

@@ -12,10 +12,11 @@ asymmetric: [qmin, qmax] = [0, 2^b - 1]; symmetric: zero_point = 0, scale = max(
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional
 
 from qat.checks import Bits, Checked, Flag, Integer, Number, OneOf, setting
 from qat.errors import ConfigError
+from qat.quant.scale_codes import SCALE_BITS
 
 SCHEMES = ("asymmetric", "symmetric")
 GRANULARITIES = ("per_tensor", "per_channel")
@@ -38,6 +39,7 @@ class QuantSpec(Checked):
     estimator: str = setting(ESTIMATOR, default="minmax")
     percentile: float = setting(PERCENTILE, default=99.99)   # estimator="percentile": keep [100-p, p]
     narrow_range: bool = setting(Flag(), default=False)      # symmetric only: [-(2^(b-1)-1), 2^(b-1)-1]
+    scale_bits: Optional[int] = setting(SCALE_BITS, default=None)   # weights: scales as k-bit codes (None: float32)
 
     def check(self) -> None:
         if self.narrow_range and self.scheme != "symmetric":
@@ -55,10 +57,12 @@ class QuantSpec(Checked):
 
     def packed_bytes(self, values: int, groups: int) -> int:
         """Bytes of a tensor of `values` in `groups` quantization groups in a packed file
-        (qat.export.packed): codes at `bits`, a float32 scale per group and, asymmetric, an integer
-        zero point per group at `bits`."""
+        (qat.export.packed), at most: codes at `bits`, a scale per group at `scale_bits` (float32 where
+        None) and, asymmetric, a zero point per group at no more than `bits` (the file stores them at
+        the width their spread needs)."""
         zero_points = 0 if self.scheme == "symmetric" else -(-groups * self.bits // 8)
-        return -(-values * self.bits // 8) + 4 * groups + zero_points
+        scales = 4 * groups if self.scale_bits is None else -(-groups * self.scale_bits // 8)
+        return -(-values * self.bits // 8) + scales + zero_points
 
     def to_config(self) -> dict:
         return asdict(self)

@@ -30,6 +30,7 @@ from qat.export.tflite import tflite_model
 from qat.layers.model import INTEGER_TOPOLOGY, QuantConfig, integer_modes
 from qat.quant.integer import ACT_BITS, STATE_BITS
 from qat.quant.quantizers import RANGE, Strategy
+from qat.quant.scale_codes import SCALE_BITS
 from qat.quant.spec import ESTIMATOR, GRANULARITY, PERCENTILE, SCHEME, QuantSpec
 from qat.tracking import Tracker
 from qat.training.fit import TrainSpec
@@ -67,6 +68,7 @@ class QuantOptions(Checked):
     estimator: str = setting(ESTIMATOR)           # weights: minmax | percentile | mse
     percentile: float = setting(PERCENTILE)       # of the percentile estimator
     narrow_range: bool = setting(Flag())          # symmetric only: [-(2^(b-1)-1), 2^(b-1)-1]
+    scale_bits: Optional[int] = setting(SCALE_BITS)   # weights: scales stored as k-bit codes; null = float32
     bias: bool = setting(Flag())                  # quantize biases too (at `bits`, per tensor) or keep them float
     act_scheme: str = setting(SCHEME)             # activations and state
     act_granularity: str = setting(GRANULARITY)   # activations and state: per_tensor | per_channel (feature / unit)
@@ -79,9 +81,9 @@ class QuantOptions(Checked):
         if self.integer:
             return self.integer_config(bits, strategy)
         weights = QuantSpec(bits.bits, self.scheme, self.granularity, -1, self.estimator, self.percentile,
-                            self.narrow_range)
-        bias = QuantSpec(bits.bits, self.scheme, "per_tensor", -1, "minmax", narrow_range=self.narrow_range) \
-            if self.bias else None
+                            self.narrow_range, self.scale_bits)
+        bias = QuantSpec(bits.bits, self.scheme, "per_tensor", -1, "minmax", narrow_range=self.narrow_range,
+                         scale_bits=self.scale_bits) if self.bias else None
         act = lambda b: None if b is None else QuantSpec(b, self.act_scheme, self.act_granularity, -1,
                                                         self.act_estimator, self.percentile)
         return QuantConfig(weights=weights, bias=bias, inputs=act(bits.act_bits), gates=act(bits.act_bits),
@@ -102,7 +104,7 @@ class QuantOptions(Checked):
             raise ConfigError(f"quant.integer=true is not allowed with learned step sizes ({strategy.name}): "
                               "expected quant=qat or quant=ptq")
         weights = QuantSpec(bits.bits, "symmetric", self.granularity, -1, self.estimator, self.percentile,
-                            self.narrow_range)
+                            self.narrow_range, self.scale_bits)
         return QuantConfig(weights=weights, inputs=QuantSpec(act_bits, "asymmetric", "per_tensor", -1,
                                                              self.act_estimator, self.percentile),
                            state=QuantSpec(state_bits, "symmetric", "per_tensor", -1, self.act_estimator,

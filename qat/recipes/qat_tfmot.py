@@ -24,7 +24,8 @@ class QatTfmot(Recipe):
     def check(self, opts: QatOptions, bits: BitWidths) -> None:
         super().check(opts, bits)
         unsupported = {"state_bits": bits.state_bits, "quant.progressive_bits": list(opts.progressive_bits) or None,
-                       "quant.learned": opts.learned or None, "quant.integer": opts.integer or None, "quant.freeze_ranges_after": opts.freeze_ranges_after}
+                       "quant.learned": opts.learned or None, "quant.integer": opts.integer or None, "quant.freeze_ranges_after": opts.freeze_ranges_after,
+                       "quant.scale_bits": opts.scale_bits}
         for name, value in unsupported.items():
             if value is not None:
                 raise ConfigError(f"{name}={value} is not allowed with quant.method={self.name}: tfmot cannot do it "
