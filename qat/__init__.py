@@ -5,7 +5,7 @@ happen before TensorFlow itself is imported anywhere.
 
 Layers, bottom to top (a module imports only from its own layer or below):
 
-    errors, checks, io, runtime        the validation vocabulary and file helpers
+    errors, checks, io, runtime, memo  the validation vocabulary, file helpers, values reused in a process
     quant/                             quantization math: specs, numpy reference, TF ops, quantizers
     data/, metrics, tracking           clips -> features; classification figures; W&B
     layers/, training/                 quantized Keras layers and whole-model quantization; float

@@ -29,8 +29,9 @@ from qat.layers.model import check_quantizable
 from qat.metrics import evaluate, plot_confusion
 from qat.recipes.base import RecipeContext, RecipeSpec, tflite_int8_us_per_clip
 from qat.tracking import Tracker
-from qat.training.checkpoints import (INFO_FILE, MODEL_FILE, cached_float_model, digest, file_digest, load_model_dir,
-                                      save_model_dir)
+from qat.memo import Recent, derived, weights_fingerprint
+from qat.training.checkpoints import (INFO_FILE, MODEL_FILE, cached_float_model, digest, entry_stamp, file_digest,
+                                      load_model_dir, save_model_dir)
 from qat.training.fit import TrainSpec, fit, set_seed
 from qat.training.models import ModelSpec, build_model, check_user_model, fresh_copy, load_user_model
 
@@ -106,6 +107,25 @@ def train_float(spec: RunSpec, feats: Features, tracker: Tracker, user=None):
     return model, result
 
 
+# Float models this process loaded or trained, by key: the jobs of a sweep in one process reuse them
+# (with their traced functions and what `qat.memo.derived` keeps for them) while the cache entry on
+# disk is unchanged and the weights are those it was loaded with.
+_RECENT_FLOATS = Recent(4)
+
+
+def _recent_float_model(spec: RunSpec, key: str):
+    """(model, info, True) from an earlier job of this process, or None."""
+    hit = _RECENT_FLOATS.get(key)
+    if hit is None or not spec.trainer.reuse_float:
+        return None
+    model, info, stamp, weights = hit
+    if entry_stamp(spec.cache_dir, key) != stamp or weights_fingerprint(model) != weights:
+        _RECENT_FLOATS.pop(key)
+        return None
+    log.info("float model %s reused from this process", key)
+    return model, info, True
+
+
 def float_model(spec: RunSpec, feats: Features, run_dir: Path, tracker: Tracker, user=None):
     """The float model of this data/model/trainer/seed: reused from the cache or trained (or the
     user's trained model as it is, `model.trained`), and saved into the run directory either way.
@@ -115,8 +135,10 @@ def float_model(spec: RunSpec, feats: Features, run_dir: Path, tracker: Tracker,
         model, info, reused = user, {"epochs": 0, "best_epoch": 0, "sec_per_epoch": None,
                                      "source": os.path.abspath(spec.model.path)}, True
     else:
-        model, info, reused = cached_float_model(spec.cache_dir, key, lambda: train_float(spec, feats, tracker, user),
-                                                 reuse=spec.trainer.reuse_float)
+        model, info, reused = _recent_float_model(spec, key) or cached_float_model(
+            spec.cache_dir, key, lambda: train_float(spec, feats, tracker, user), reuse=spec.trainer.reuse_float)
+        if (stamp := entry_stamp(spec.cache_dir, key)) is not None:
+            _RECENT_FLOATS.put(key, (model, info, stamp, weights_fingerprint(model)))
     info = {**info, "key": key}
     save_model_dir(model, info, run_dir / FLOAT_DIR)
     return model, info, reused
@@ -158,6 +180,30 @@ def evaluate_model(model, feats: Features, prefix: str, run_dir: Path) -> Dict[s
     return out
 
 
+def evaluate_float_model(model, feats: Features, run_dir: Path) -> Dict[str, Any]:
+    """`evaluate_model(model, feats, "float", run_dir)`, computed once per float model and data in a
+    process (the jobs of a sweep share it); each run gets its own copy of the PNG."""
+    def compute():
+        out = evaluate_model(model, feats, "float", run_dir)
+        return out, Path(out["float/confusion_png"]).read_bytes()
+
+    out, png = derived(model, "float evaluation", compute, feats.key)
+    path = run_dir / "confusion_float.png"
+    if not path.exists():
+        path.write_bytes(png)
+    return {**out, "float/confusion_png": str(path)}
+
+
+def fold_float_model(model):
+    """`fold_batch_norms(model)`, once per float model in a process."""
+    def compute():
+        folded, names = fold_batch_norms(model)
+        return (None if folded is model else folded), names     # never a reference to `model` itself
+
+    folded, names = derived(model, "folded batch norms", compute)
+    return (model if folded is None else folded), list(names)
+
+
 def float_size_bytes(model) -> int:
     """Bytes of the weights stored as float32."""
     return int(sum(np.prod(w.shape) for w in model.weights) * 4)
@@ -181,7 +227,7 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
         reused = True
     else:
         model, info, reused = float_model(spec, feats, run_dir, tracker, user)
-    model, folded = fold_batch_norms(model)   # the float model every recipe starts from
+    model, folded = fold_float_model(model)   # the float model every recipe starts from
     bits = spec.recipe.bits
     summary: Dict[str, Any] = {
         "preset": spec.recipe.preset, "method": spec.recipe.method, "bits": bits.bits, "act_bits": bits.act_bits,
@@ -197,7 +243,7 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
         "time/features_s": t_features,
     }
     summary.update(spec.recipe.option_values())
-    summary.update(evaluate_model(model, feats, "float", run_dir))
+    summary.update(evaluate_float_model(model, feats, run_dir))
     t1 = time.perf_counter()
     ctx = RecipeContext(model, feats, spec.data, spec.features, spec.trainer, spec.predict, bits, spec.seed,
                         run_dir, tracker, spec.verbose)

@@ -12,7 +12,7 @@ PACKAGE = REPO / "qat"
 
 # Bottom to top; a module may import modules of its own layer or of the layers below it.
 LAYERS = [
-    ["qat", "qat.errors", "qat.checks", "qat.io", "qat.runtime"],
+    ["qat", "qat.errors", "qat.checks", "qat.io", "qat.runtime", "qat.memo"],
     ["qat.quant"],
     ["qat.data", "qat.metrics", "qat.tracking"],
     ["qat.layers", "qat.training"],

@@ -275,3 +275,24 @@ def test_a_users_model_that_does_not_fit_is_one_line_before_training(speech_comm
                "quant.gptq=false", "quant.refine_epochs=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "kept" / "summary.json").read_text())["quant/float_layers"] == ["ln"]
+
+
+def test_jobs_of_a_sweep_in_one_process_give_what_separate_runs_give(speech_commands_root, tmp_path):
+    """The basic launcher runs every job in one process, which reuses the features, the float model
+    and what is computed from it (qat.memo): each job's figures and packed file are those of the same
+    job run alone."""
+    common = [f"cache_dir={tmp_path / 'cache'}", "trainer.epochs=2", "data.limit_per_class=40", "model.units=16",
+              "quant.refine_epochs=2", "logger=none"]
+    alone = run("train.py", "quant=ptq", "bits=4", *common, f"hydra.run.dir={tmp_path / 'alone'}")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    sweep = run("train.py", "-m", "quant=ptq", "bits=2,4", *common, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    (job,) = [p.parent for p in (tmp_path / "sweep").glob("*/summary.json")
+              if json.loads(p.read_text())["bits"] == 4]
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "alone", job))
+    assert b["float/reused"] and b["float/key"] == a["float/key"]
+    figures = [k for k in a if k.startswith(("float/test", "float/val", "quant/test", "quant/val", "predict/degradation",
+                                             "ptq/search/", "ptq/refine/", "quant/bias_correction/"))]
+    assert len(figures) > 10 and {k: b[k] for k in figures} == {k: a[k] for k in figures}
+    assert (job / "model_4bit.qlstm").read_bytes() == (tmp_path / "alone" / "model_4bit.qlstm").read_bytes()
+    assert (job / "confusion_float.png").stat().st_size > 1000

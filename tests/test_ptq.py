@@ -7,6 +7,7 @@ import pytest
 
 from qat.algorithms.bias_correction import bias_correct
 from qat.algorithms.calibration import calibration_clips
+from qat.algorithms.gptq import gptq_round
 from qat.algorithms.report import weight_report
 from qat.algorithms.rounding import refine_rounding
 from qat.data.features import load_features
@@ -129,3 +130,34 @@ def test_rounding_refinement_is_dropped_when_it_does_not_lower_the_kl(trained):
                            learning_rate=1.0, seed=0)
     assert not info["kept"] and info["kl_after"] >= info["kl_before"] and info["changed"] == 0
     assert all(np.array_equal(a, b) for a, b in zip(start, qmodel.get_weights()))
+
+
+def _obq_round(w, h, scale, zp, qmin, qmax, damp):
+    """GPTQ written as the original optimal-brain-quantizer update with the full inverse Hessian: round
+    row i, spread its error over the later rows with H^-1, then drop row i from H^-1 (Gaussian
+    elimination): an independent formulation of what qat.algorithms.gptq.gptq_round computes."""
+    w, h = np.array(w, np.float64), np.array(h, np.float64)
+    h += damp * np.mean(np.diag(h)) * np.eye(len(h))
+    hinv = np.linalg.inv(h)
+    out = np.zeros_like(w)
+    for i in range(len(w)):
+        q = np.clip(np.round(w[i] / scale + zp), qmin, qmax)
+        out[i] = scale * (q - zp)
+        err = (w[i] - out[i]) / hinv[i, i]
+        w[i + 1:] -= np.outer(hinv[i + 1:, i], err)
+        hinv = hinv - np.outer(hinv[:, i], hinv[i, :]) / hinv[i, i]
+    return out
+
+
+def test_gptq_round_matches_the_inverse_hessian_formulation():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 24)) @ rng.standard_normal((24, 24))     # correlated inputs
+    w = rng.standard_normal((24, 5))
+    scale, zp = np.full(5, 0.37), np.full(5, 7.0)
+    got = gptq_round(w, x.T @ x, scale, zp, 0, 15, 0.01)
+    want = _obq_round(w, x.T @ x, scale, zp, 0, 15, 0.01)
+    assert np.array_equal(got, want.astype(np.float32))
+    nearest = scale * (np.clip(np.round(w / scale + zp), 0, 15) - zp)
+    assert not np.array_equal(got, nearest.astype(np.float32))           # it did compensate
+    err = lambda wq: np.sum((x @ (w - wq)) ** 2)
+    assert err(got) < err(nearest)

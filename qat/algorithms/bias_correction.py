@@ -9,6 +9,7 @@ import tf_keras as keras
 
 from qat.algorithms.calibration import batches
 from qat.layers.model import find_layer, float_weight, input_tap, output_taps, quantized_weights
+from qat.memo import derived
 from qat.metrics import predict
 
 
@@ -24,6 +25,26 @@ def layer_input_means(model, layer_names, x: np.ndarray) -> Dict[str, np.ndarray
             sums[name] = sums[name] + flat.sum(0)
             counts[name] += flat.shape[0]
     return {n: sums[n] / counts[n] for n in layer_names}
+
+
+def hidden_state_means(model, layer_names, x: np.ndarray) -> Dict[str, np.ndarray]:
+    """Mean over clips and time of each named recurrent layer's hidden state, in the float model."""
+    out = {}
+    for name in layer_names:        # the layer's own output sequence
+        layer = find_layer(model, name)
+        taps = output_taps(model, layer)
+        if len(taps) == 2:          # a top-level layer: its output in the model's graph
+            outs = predict(keras.Model(model.inputs, taps[1]), x, batch_size=64)
+        else:                       # inside a Bidirectional: called on its input
+            tap = keras.Model(model.inputs, taps[0])
+            outs = np.concatenate([np.asarray(layer(tap(b, training=False), training=False)) for b in batches(x)])
+        out[name] = outs.reshape(-1, outs.shape[-1]).astype(np.float64).mean(0)
+    return out
+
+
+def float_means(model, layer_names, recurrent_names, x: np.ndarray):
+    """(mean input of each named layer, mean hidden state of each named recurrent layer) on x."""
+    return layer_input_means(model, layer_names, x), hidden_state_means(model, recurrent_names, x)
 
 
 def mean_shift(mean_input: np.ndarray, delta: np.ndarray, depthwise: bool = False) -> np.ndarray:
@@ -48,19 +69,10 @@ def bias_correct(float_model, qmodel, x_calib: np.ndarray) -> Dict[str, float]:
     layers = [n for n in layers if getattr(find_layer(float_model, n), "use_bias", False)]
     if not layers:
         return {}
-    means = layer_input_means(float_model, layers, x_calib)
-    h_means = {}
     recurrent = [n for n in layers if f"{n}/recurrent_kernel" in q]
-    for name in recurrent:          # the mean hidden state: the layer's own output sequence
-        layer = find_layer(float_model, name)
-        taps = output_taps(float_model, layer)
-        if len(taps) == 2:          # a top-level layer: its output in the model's graph
-            outs = predict(keras.Model(float_model.inputs, taps[1]), x_calib, batch_size=64)
-        else:                       # inside a Bidirectional: called on its input
-            tap = keras.Model(float_model.inputs, taps[0])
-            outs = np.concatenate([np.asarray(layer(tap(b, training=False), training=False))
-                                   for b in batches(x_calib)])
-        h_means[name] = outs.reshape(-1, outs.shape[-1]).astype(np.float64).mean(0)
+    # float-model statistics: the same for every candidate and bit-width (qat.memo)
+    means, h_means = derived(float_model, "bias-correction means",
+                             lambda: float_means(float_model, layers, recurrent, x_calib), x_calib, layers, recurrent)
     sizes = {}
     for name in layers:
         shift = mean_shift(means[name], q[kernels[name]].values - float_weight(float_model, kernels[name]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import tf_keras as keras
+from scipy.linalg import lapack
 
 from qat.algorithms.calibration import batches
 from qat.layers.conv import QConv1D, QConv2D, QDepthwiseConv2D, conv_patches
@@ -29,7 +30,10 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero_point
     h[dead, dead] = 1.0
     w[dead] = 0.0
     h += damp * np.mean(np.diag(h)) * np.eye(len(h))
-    u = np.linalg.cholesky(np.linalg.inv(h)).T          # upper Cholesky factor of H^-1
+    # The upper Cholesky factor U of H^-1 (U^T U = H^-1) without forming H^-1: with J the reversal of
+    # the rows, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular.
+    lower = np.linalg.cholesky(h[::-1, ::-1])
+    u = lapack.dtrtri(lower, lower=1)[0][::-1, ::-1]
     out = np.zeros_like(w)
     for i in range(w.shape[0]):
         q = np.clip(np.round(w[i] / scale[i] + zero_point[i]), qmin, qmax)

@@ -49,6 +49,7 @@ from qat.checks import Bits, Checked, Integer, ListOf, Nullable, Number, OneOf, 
 from qat.errors import ConfigError, DataError
 from qat.layers.conv import conv_patches, convolve
 from qat.layers.model import RECURRENT, QuantConfig, freeze_ranges, quantize_model, weight_tensor_names
+from qat.memo import derived
 from qat.metrics import predict_classes
 from qat.quant.reference import fake_quant_np
 from qat.quant.spec import ESTIMATOR, GRANULARITY, SCHEME, QuantSpec
@@ -395,7 +396,9 @@ def predict_summary(float_model, feats, cfg: QuantConfig, spec: "PredictSpec", s
     t0 = time.perf_counter()
     x, y = calibration_set(feats.x[spec.calib], feats.y[spec.calib], spec.n_calib, seed)
     try:
-        drop = predict_drop(float_model, x, y, cfg.weights_only(), sensitivity(float_model, x, y, spec.competitors))
+        sens = derived(float_model, "sensitivity", lambda: sensitivity(float_model, x, y, spec.competitors), x, y,
+                       spec.competitors)
+        drop = predict_drop(float_model, x, y, cfg.weights_only(), sens)
     except UnsupportedModel as e:
         return {"predict/degradation": None, "predict/unsupported": str(e), "time/predict_s": time.perf_counter() - t0}
     return {"predict/degradation": drop, "predict/calibration_clips": len(x), "predict/calibration_split": spec.calib,

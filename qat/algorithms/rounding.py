@@ -10,6 +10,7 @@ import tf_keras as keras
 
 from qat.data.batches import shuffled_batches
 from qat.layers.model import freeze_ranges, quantized_layers, quantized_weights
+from qat.memo import derived
 from qat.metrics import predict
 from qat.training.distill import soft_cross_entropy
 from qat.training.fit import set_seed
@@ -41,7 +42,7 @@ def refine_rounding(float_model, qmodel, x_calib: np.ndarray, epochs: int, learn
             for var, lo, hi in boxes:
                 var.assign(tf.clip_by_value(var, lo, hi))
 
-    teacher = predict(float_model, x_calib)   # the targets, computed once
+    teacher = derived(float_model, "outputs", lambda: predict(float_model, x_calib), x_calib)   # the targets
     kl = lambda: float(soft_cross_entropy(tf.constant(teacher), predict(qmodel, x_calib), 1.0))
     start, start_weights = kl(), qmodel.get_weights()
     set_seed(seed)

@@ -19,6 +19,7 @@ from qat.checks import Checked, Flag, Integer, Number, rejected, setting
 from qat.data.datasets import SPLITS, DataSpec, list_files, load_waveforms
 from qat.errors import DataError
 from qat.io import atomic_path, file_lock, remove_stale
+from qat.memo import Recent
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +147,18 @@ def _compute(file_list, data: DataSpec, feats: FeatureSpec, key: str, hop_ms: fl
     return Features(x, y, files, file_list.class_names, key, hop_ms, skipped)
 
 
+# The features the last job of this process read or wrote, with the cache file's mtime: the jobs of
+# a sweep in one process share them (callers never change a Features' arrays).
+_RECENT = Recent(1)
+
+
 def load_features(data: DataSpec, feats: FeatureSpec, cache_dir: str | None) -> Features:
     """Features of every split, from the cache when the same data and front end were seen before,
     else computed from the WAV files and cached (written atomically, under a lock so that parallel
     runs compute them once). A damaged cache file is named and replaced; a cache that cannot be
-    written (read-only, another user's file) is a warning, and the run goes on without caching."""
+    written (read-only, another user's file) is a warning, and the run goes on without caching. An
+    earlier job of the same process that used the same cache file, unchanged since, hands its
+    Features over without reading the file again."""
     file_list = list_files(data)
     key = cache_key(data, feats, file_list.signature())
     hop_ms = 1000.0 * feats.frame_step / data.sample_rate
@@ -158,7 +166,11 @@ def load_features(data: DataSpec, feats: FeatureSpec, cache_dir: str | None) -> 
         return _compute(file_list, data, feats, key, hop_ms)
     path = Path(os.path.expanduser(cache_dir)) / "features" / f"{data.name}-{key}.npz"
     seen = _mtime(path)
+    if seen is not None and (recent := _RECENT.get(str(path))) is not None and recent[0] == seen:
+        log.info("features from cache %s (read by this process before)", path)   # file unchanged since
+        return recent[1]
     if (cached := _read_cache(path, key, hop_ms)) is not None:
+        _RECENT.put(str(path), (seen, cached))
         return cached
     with contextlib.ExitStack() as stack:
         try:
@@ -173,6 +185,7 @@ def load_features(data: DataSpec, feats: FeatureSpec, cache_dir: str | None) -> 
         out = _compute(file_list, data, feats, key, hop_ms)
         try:
             _save_atomic(path, out)
+            _RECENT.put(str(path), (_mtime(path), out))
         except OSError as e:
             log.warning("could not write the feature cache %s (%s); going on without caching", path, e)
         return out

@@ -75,6 +75,14 @@ def _load_complete(folder: Path) -> Optional[Tuple[Any, Dict[str, Any]]]:
     return model, info
 
 
+def entry_stamp(cache_dir: Optional[str], key: str) -> Optional[int]:
+    """The modification time (ns) of the cached float model for `key`, or None if there is none."""
+    if not cache_dir:
+        return None
+    path = Path(os.path.expanduser(cache_dir)) / "float" / key / MODEL_FILE
+    return path.stat().st_mtime_ns if path.is_file() else None
+
+
 def cached_float_model(cache_dir: Optional[str], key: str, train: Callable[[], Tuple[Any, Dict[str, Any]]],
                        reuse: bool = True) -> Tuple[Any, Dict[str, Any], bool]:
     """Return (model, info, reused): the cached float model for `key`, or the result of `train()`
