@@ -2,7 +2,8 @@
 
 The models are those of `train.py` with the given overrides (default: the default config, log-mel 40
 + LSTM(80), batch 64): the float model and its QAT twins as the recipes build them: `qat` at 4 and 2
-bits trained with distillation from the float model (as `fit` runs it), `qat` at 2 bits without it,
+bits trained with distillation from the float model (as `fit` runs it), `qat` at 4 bits with the
+LSTM run by Keras' own fused kernel on the fake-quantized weights (cuDNN on a GPU), `qat` at 2 bits without it,
 `qat` at W2/A4/S4 (calibrated; with distillation as the recipe, and without) and `qat_lsq`
 W2/A4/S4; plus the QLSTM twin with no quantizer at all (the float math through the project's own
 time loop).
@@ -45,19 +46,22 @@ from omegaconf import OmegaConf  # noqa: E402
 from qat.algorithms.calibration import calibrate  # noqa: E402
 from qat.config import run_spec  # noqa: E402
 from qat.data.features import load_features, normalization_stats  # noqa: E402
-from qat.layers.model import QuantConfig, quantize_model  # noqa: E402
+from qat.layers.model import QuantConfig, quantize_model, quantized_layers  # noqa: E402
+from qat.layers.recurrent import QuantizedRNN  # noqa: E402
 from qat.training.distill import Distiller  # noqa: E402
 from qat.training.models import build_model  # noqa: E402
 
 ACT = ["bits=2", "act_bits=4", "state_bits=4"]
 # (key in the JSON line, table label, quant preset, bit-width overrides, distilled as the recipes do)
 VARIANTS = [("qat", "qat w4", "qat", ["bits=4"], True),
+            ("qat_fused", "qat w4, Keras' fused LSTM kernel", "qat", ["bits=4"], True),
             ("qat_w2", "qat w2", "qat", ["bits=2"], True),
             ("qat_w2_no_distill", "qat w2, no distillation", "qat", ["bits=2"], False),
             ("qat_act", "qat w2 a4 s4", "qat", ACT, True),
             ("qat_act_no_distill", "qat w2 a4 s4, no distillation", "qat", ACT, False),
             ("qat_lsq", "qat_lsq w2 a4 s4", "qat_lsq", ACT, True)]
 TWIN_KEY = "twin_no_quantizer"
+FUSED = {"qat_fused"}     # weights-only loop through Keras' own kernel (what a GPU runs as cuDNN)
 
 
 def composed_spec(overrides):
@@ -92,6 +96,9 @@ def main():
     for key, label, preset, bits, distilled in VARIANTS:
         recipe = composed_spec([f"quant={preset}", *bits, *args.overrides]).recipe
         q = quantize_model(float_model, recipe.options.quant_config(recipe.bits, recipe.options.strategy))
+        for layer in quantized_layers(q):
+            if isinstance(layer, QuantizedRNN):
+                layer.fused = key in FUSED
         if recipe.bits.quantizes_activations:
             calibrate(q, [x[:256]])
         if distilled and recipe.options.distill > 0:     # what fit() trains with quant.distill > 0

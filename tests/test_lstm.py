@@ -283,3 +283,34 @@ def test_input_dropout_matches_keras_statistics():
     spread_q = np.std([q(x, training=True).numpy() for _ in range(20)], axis=0).mean()
     assert abs(spread_q / spread_k - 1) < 0.1
     assert np.abs(mean_q - mean_k).max() < 0.1 * np.abs(mean_k).mean() + 5e-3
+
+
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_fused_keras_kernel_equals_the_own_loop_with_gradients(go_backwards):
+    """Weights-only quantization through Keras' fused LSTM kernel (what a GPU runs as cuDNN) computes
+    what the project's loop computes, forward and backward through the straight-through weights."""
+    x = _x(5)
+    lstm = _float_lstm(x, go_backwards=go_backwards)
+    spec = QuantSpec(3, granularity="per_channel")
+    loop = _twin(lstm, x, kernel=spec, recurrent_kernel=spec, bias=QuantSpec(8))
+    fused = _twin(lstm, x, kernel=spec, recurrent_kernel=spec, bias=QuantSpec(8))
+    loop.fused, fused.fused = False, True
+    assert fused._fused_kernel_runs() and not loop._fused_kernel_runs()
+    assert not tf.config.list_logical_devices("GPU") or QLSTM(U)._fused_kernel_runs()   # auto: fused on a GPU
+    np.testing.assert_allclose(fused(x).numpy(), loop(x).numpy(), atol=2e-6, rtol=0)
+    with tf.GradientTape(persistent=True) as tape:
+        losses = [tf.reduce_sum(layer(x) ** 2) for layer in (loop, fused)]
+    for name in ("kernel", "recurrent_kernel", "bias"):
+        g_loop, g_fused = (tape.gradient(loss, getattr(layer, name)) for loss, layer in zip(losses, (loop, fused)))
+        np.testing.assert_allclose(g_fused.numpy(), g_loop.numpy(), atol=1e-5, rtol=1e-4)
+    graph = tf.function(lambda v: fused(v)).get_concrete_function(tf.TensorSpec(x.shape)).graph
+    assert any("lstm" in f.lower() for f in graph._functions), "Keras' LSTM kernel is not in the graph"
+
+
+def test_the_fused_kernel_is_not_used_where_the_loop_quantizes():
+    q = QLSTM(U, kernel_quant=QuantSpec(4), state_quant=QuantSpec(8), fused=True)
+    x = _x(1)
+    q(x)
+    assert q.fused and "state_c" in q.activation_quantizers   # a state quantizer: the own loop runs
+    assert QLSTM.from_config(q.get_config()).fused is True
+    assert not QLSTM(U, activation="relu", fused=True)._fused_kernel_runs()   # cuDNN has tanh only

@@ -10,7 +10,11 @@ points, each optional with its own QuantSpec:
     state_c, state_h                 the cell state c_t and the hidden state h_t (also the output)
 
 Speed: the weights are fake-quantized once per call, outside the time loop
-(qat.layers.recurrent.time_loop, written as Keras' CPU LSTM); activation quantizers inside the loop
+(qat.layers.recurrent.time_loop, written as Keras' CPU LSTM). With no quantizer inside the loop
+(weights only) and a GPU visible, the loop is Keras' own fused LSTM kernel
+(`lstm_with_backend_selection`: cuDNN on the GPU) on the fake-quantized weights; `fused=True` /
+`False` forces one path (on a CPU the project's loop is the faster: BENCHMARKS.md, "Training-step
+time"). Activation quantizers inside the loop
 are single fused ops (qat.quant.ops.fused_fake_quant), and quantized fixed-range gates come from
 one sigmoid: tanh(z) = 2 sigmoid(2z) - 1, with the c-gate weight columns doubled exactly before the
 loop and the affine map folded into the gates' fake-quant (3 ops per step instead of 7).
@@ -24,6 +28,7 @@ from typing import Callable
 
 import tensorflow as tf
 import tf_keras as keras
+from tf_keras.src.layers.rnn import lstm as keras_lstm   # Keras' fused LSTM kernel (cuDNN / CPU)
 
 from qat.layers.integer import IntegerLstmCell, lstm_recurrence
 from qat.layers.loop import time_loop
@@ -79,6 +84,25 @@ class QLSTM(QuantizedRNN):
         return _Cell(self.units, self.activation, self.recurrent_activation, kinds, gated)
 
     n_states = 2     # (h, c)
+    supports_fused = True
+
+    def _fused_hidden_states(self, x, kernel, rec_kernel, bias):
+        """Keras' LSTM kernels as `tf_keras.layers.LSTM.call` picks them: eagerly cuDNN where a GPU
+        is visible, else the CPU kernel; in a graph both, Grappler keeping the one of the device."""
+        zeros = tf.zeros((tf.shape(x)[1], self.units), x.dtype)
+        args = dict(inputs=x, init_h=zeros, init_c=zeros, kernel=kernel, recurrent_kernel=rec_kernel,
+                    bias=tf.zeros((4 * self.units,), x.dtype) if bias is None else bias, mask=None,
+                    time_major=True, go_backwards=False, sequence_lengths=None, return_sequences=True)
+        if not tf.executing_eagerly():
+            kernel_fn = keras_lstm.lstm_with_backend_selection
+        elif tf.config.list_logical_devices("GPU"):
+            kernel_fn = keras_lstm.gpu_lstm
+        else:
+            kernel_fn = keras_lstm.standard_lstm
+        if kernel_fn is not keras_lstm.gpu_lstm:
+            args["zero_output_for_mask"] = False
+        _, outputs, *_ = kernel_fn(**args)
+        return outputs
 
     @staticmethod
     def _step_fn(kernel, rec_kernel, bias, rec_mask, params, cell):

@@ -52,6 +52,7 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
     gate_names: Tuple[str, ...] = ()
     state_names: Tuple[str, ...] = ()
     n_states: int = 1                        # carried state tensors, h first
+    supports_fused: bool = False             # `_fused_hidden_states` runs Keras' own kernel
     float_type: type = keras.layers.RNN      # the Keras layer this one replaces
 
     def __init__(self, units: int, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
@@ -61,12 +62,14 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
                  bias_initializer="zeros", kernel_quant: Optional[QuantSpec] = None,
                  recurrent_kernel_quant: Optional[QuantSpec] = None, bias_quant: Optional[QuantSpec] = None,
                  input_quant: Optional[QuantSpec] = None, gate_quant: Optional[QuantSpec] = None,
-                 state_quant: Optional[QuantSpec] = None, quantizer="range", integer=None, **kwargs):
+                 state_quant: Optional[QuantSpec] = None, quantizer="range", integer=None,
+                 fused: Optional[bool] = None, **kwargs):
         super().__init__(**kwargs)
         self.units = int(units)
         self.activation = keras.activations.get(activation)
         self.recurrent_activation = keras.activations.get(recurrent_activation)
         self.use_bias, self.return_sequences = bool(use_bias), bool(return_sequences)
+        self.fused = None if fused is None else bool(fused)   # Keras' fused kernel for a loop without quantizers
         # go_backwards as Keras: the clip is read last frame first and the sequence returned in that
         # order (what Bidirectional's backward layer needs); no state between calls, no state outputs
         self.go_backwards, self.stateful, self.return_state = bool(go_backwards), False, False
@@ -179,6 +182,8 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
         if training and self.recurrent_dropout > 0:
             rec_mask = tf.nn.dropout(tf.ones((tf.shape(x)[1], self.units), x.dtype), rate=self.recurrent_dropout)
         kinds, params = self._loop_quantizers()
+        if not params and rec_mask is None and self._fused_kernel_runs():
+            return self._fused_hidden_states(x, *self._weights())
         args = (x, *self._weights(), rec_mask, params)
         loop = lambda gated: self._loops(self._cell(kinds, gated))(*args)
         # Quantizers pass values through until calibrated, which costs a select per quantizer and time
@@ -190,6 +195,19 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
         else:
             (hs,) = loop(False)
         return hs
+
+    def _fused_kernel_runs(self) -> bool:
+        """Whether a loop without quantizers runs through Keras' own fused kernel (`fused`: True,
+        False, or None = where a GPU is visible, since on a CPU this project's loop is the faster)."""
+        if not self.supports_fused or self.activation is not keras.activations.tanh or \
+                self.recurrent_activation is not keras.activations.sigmoid:
+            return False
+        return bool(tf.config.list_logical_devices("GPU")) if self.fused is None else self.fused
+
+    def _fused_hidden_states(self, x, kernel, rec_kernel, bias):
+        """The time-major hidden states [T, B, U] from Keras' fused kernel (subclasses with
+        `supports_fused`)."""
+        raise NotImplementedError
 
     def _time_major(self, x):
         """[B, T, F] -> [T, B, F], in the order the layer reads the frames."""
@@ -249,6 +267,7 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
             units=self.units, activation=keras.activations.serialize(self.activation),
             recurrent_activation=keras.activations.serialize(self.recurrent_activation),
             use_bias=self.use_bias, return_sequences=self.return_sequences, go_backwards=self.go_backwards,
+            fused=self.fused,
             dropout=self.dropout,
             recurrent_dropout=self.recurrent_dropout,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
