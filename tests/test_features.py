@@ -5,8 +5,8 @@ import soundfile
 from scipy.signal import resample_poly
 
 import qat.data.features
-from qat.data.datasets import SPLITS
-from qat.data.features import compute_features, load_features, normalization_stats
+from qat.data.datasets import SPLITS, load_waveforms
+from qat.data.features import compute_features, load_features, normalization_stats, split_features
 from qat.errors import ConfigError
 from tests import specs
 
@@ -73,6 +73,17 @@ def test_normalization_stats_are_per_frequency():
     np.testing.assert_allclose(var, x.reshape(-1, 7).var(0), rtol=1e-4)
 
 
+def test_normalization_stats_in_chunks_equal_one_pass(monkeypatch):
+    x = np.random.default_rng(2).normal(-4.0, 3.0, size=(37, 11, 5)).astype(np.float32)
+    whole = normalization_stats(x)
+    monkeypatch.setattr(qat.data.features, "STATS_CHUNK", 4)          # 10 chunks, the last partial
+    chunked = normalization_stats(x)
+    flat = x.reshape(-1, 5).astype(np.float64)
+    for got in (whole, chunked):
+        np.testing.assert_allclose(got[0], flat.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(got[1], flat.var(0), rtol=1e-6)
+
+
 def test_features_are_cached(speech_commands_root, cache_dir, monkeypatch):
     data = specs.data(root=str(speech_commands_root), limit_per_class=15)
     first = load_features(data, FeatureSpec(), cache_dir)
@@ -96,3 +107,20 @@ def test_features_are_cached(speech_commands_root, cache_dir, monkeypatch):
 def test_bad_feature_spec(kwargs):
     with pytest.raises(ConfigError, match="features."):
         FeatureSpec(**kwargs)
+
+
+def test_features_read_in_chunks_equal_the_whole_split_read_at_once(speech_commands_root, tmp_path, monkeypatch):
+    """Reading a split a few clips at a time (bounded memory) gives the features of reading it whole,
+    an unreadable clip left out in either way."""
+    paths = sorted(str(p) for p in (speech_commands_root / "yes").glob("*.wav"))[:9]
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not a wav file")
+    paths.insert(4, str(bad))
+    data = specs.data(root=str(speech_commands_root), on_bad_file="skip")
+    feats = specs.features(option="log_mel")
+    waves, whole_kept = load_waveforms(paths, data)
+    whole = compute_features(waves, feats, data.sample_rate)
+    monkeypatch.setattr(qat.data.features, "WAVE_CHUNK", 3)
+    chunked, kept = split_features(paths, data, feats)
+    assert kept.tolist() == whole_kept.tolist() and kept.sum() == 9 and not kept[4]
+    np.testing.assert_array_equal(chunked, whole)

@@ -81,10 +81,19 @@ def compute_features(waves: np.ndarray, spec: FeatureSpec, sample_rate: int, bat
     return out
 
 
+STATS_CHUNK = 4096   # clips per step of the normalisation statistics (float64 copies stay small)
+
+
 def normalization_stats(x_train: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-frequency mean and variance over clips and frames of the training features."""
-    flat = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64)
-    return flat.mean(axis=0).astype(np.float32), np.maximum(flat.var(axis=0), 1e-12).astype(np.float32)
+    """Per-frequency mean and variance over clips and frames of the training features, in float64
+    over chunks of clips (two passes: the mean, then the squared deviations from it)."""
+    bins = x_train.shape[-1]
+    chunks = lambda: (x_train[s:s + STATS_CHUNK].reshape(-1, bins).astype(np.float64)
+                      for s in range(0, len(x_train), STATS_CHUNK))
+    count = x_train.size // bins
+    mean = sum(c.sum(axis=0) for c in chunks()) / count
+    var = sum(((c - mean) ** 2).sum(axis=0) for c in chunks()) / count
+    return mean.astype(np.float32), np.maximum(var, 1e-12).astype(np.float32)
 
 
 @dataclass
@@ -134,11 +143,26 @@ def _read_cache(path: Path, key: str, hop_ms: float) -> Optional[Features]:
     return out
 
 
+WAVE_CHUNK = 2048   # clips read at once: the waveforms held in memory stay bounded however large the set
+
+
+def split_features(paths: List[str], data: DataSpec, feats: FeatureSpec) -> Tuple[np.ndarray, np.ndarray]:
+    """(features of the readable clips, kept mask) of one split, reading `WAVE_CHUNK` clips at a
+    time, so that memory holds the features and one chunk of waveforms, never the whole split's."""
+    frames, bins = feats.shape(data.num_samples)
+    out = np.zeros((len(paths), frames, bins), np.float32)
+    kept = np.ones(len(paths), bool)
+    for start in range(0, len(paths), WAVE_CHUNK):
+        waves, ok = load_waveforms(paths[start:start + WAVE_CHUNK], data)
+        kept[start:start + len(ok)] = ok
+        out[start:start + len(ok)][ok] = compute_features(waves, feats, data.sample_rate)
+    return (out if kept.all() else out[kept]), kept
+
+
 def _compute(file_list, data: DataSpec, feats: FeatureSpec, key: str, hop_ms: float) -> Features:
     x, y, files, skipped = {}, {}, {}, {}
     for split in SPLITS:
-        waves, kept = load_waveforms(file_list.files[split], data)
-        x[split] = compute_features(waves, feats, data.sample_rate)
+        x[split], kept = split_features(file_list.files[split], data, feats)
         y[split] = np.asarray(file_list.labels[split], np.int64)[kept]
         files[split] = [f for f, k in zip(file_list.files[split], kept) if k]
         skipped[split] = [f for f, k in zip(file_list.files[split], kept) if not k]
