@@ -4,7 +4,8 @@ Keras' own adapter for numpy input builds a parallel map that TensorFlow's deter
 (op determinism is on: qat.training.fit.set_seed) turns into a sequential map, logging a harmless
 "NodeDef mentions attribute use_unbounded_threadpool" error line whenever the last batch is partial.
 These pipelines are the adapter's, with a sequential map: the same batches (for training the same
-shuffled order, from the same random ops), so the same results, without the line.
+shuffled order, from the same random ops), so the same results, without the line. The batches are
+gathered from the arrays in place, so no pipeline holds a second copy of a large training set.
 """
 from __future__ import annotations
 
@@ -14,9 +15,30 @@ import numpy as np
 import tensorflow as tf
 
 
+def _gathered(indices: tf.data.Dataset, arrays: tuple) -> tf.data.Dataset:
+    """Batches of `arrays` (numpy, read in place: never copied whole into a tensor, so a large or
+    memory-mapped array costs only its batches) at each element of `indices` (a vector of rows)."""
+    arrays = tuple(np.asarray(a) for a in arrays)     # a memory map stays one
+
+    def gather(i):
+        return tuple(a[i] for a in arrays)
+
+    def batch(i):
+        out = tf.numpy_function(gather, [i], [tf.as_dtype(a.dtype) for a in arrays], stateful=False)
+        for t, a in zip(out, arrays):
+            t.set_shape((None,) + a.shape[1:])
+        return tuple(out)
+
+    return indices.map(batch)
+
+
 def batched(x: np.ndarray, y: Optional[np.ndarray] = None, batch_size: int = 256) -> tf.data.Dataset:
     """The arrays as consecutive batches (no shuffling): for prediction and validation."""
-    return tf.data.Dataset.from_tensor_slices(x if y is None else (x, y)).batch(batch_size)
+    arrays = (x,) if y is None else (x, y)
+    n = len(x)
+    indices = tf.data.Dataset.range(0, n, batch_size).map(lambda s: tf.range(s, tf.minimum(s + batch_size, n)))
+    ds = _gathered(indices, arrays)
+    return ds.map(lambda x_batch: x_batch) if y is None else ds     # one array: plain batches, not 1-tuples
 
 
 def shuffled_batches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int) -> Tuple[tf.data.Dataset, int]:
@@ -36,9 +58,7 @@ def shuffled_batches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int)
         return flat
 
     indices = tf.data.Dataset.range(1).repeat(epochs).map(permutation).prefetch(1).flat_map(batch_indices)
-    data = tf.data.Dataset.from_tensors((x, y)).repeat()
-    ds = tf.data.Dataset.zip((indices, data)).map(
-        lambda i, d: tf.nest.map_structure(lambda t: tf.gather(t, i, axis=0), d))
+    ds = _gathered(indices, (x, y))
     options = tf.data.Options()
     options.experimental_optimization.apply_default_optimizations = False
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
