@@ -26,13 +26,16 @@ OPTION_PREFIX = "options/"
 FIGURES = ("quant/test_acc", "quant/degradation", "float/test_acc", "quant/test_balanced_acc",
            "quant/size_bytes", "quant/latency_ms", "predict/degradation", "integer/agreement", "integer/c_agreement",
            "integer/weight_bytes", "integer/ram_bytes", "integer/macs_per_clip", "integer/c_us_per_clip",
-           "integer/tflite_int8_us_per_clip")
+           "integer/tflite_int8_us_per_clip", "tflite/test_acc", "tflite/agreement", "tflite/latency_ms")
 # columns shown where some run has the figure: (key, title, scale)
 OPTIONAL_COLUMNS = (("predict/degradation", "predicted drop (pts)", 1.0), ("quant/latency_ms", "latency (ms)", 1.0),
                     ("integer/agreement", "integer agreement %", 100.0), ("integer/c_agreement", "C agreement %", 100.0),
                     ("integer/weight_bytes", "flash (KiB)", 1 / 1024), ("integer/ram_bytes", "RAM (B)", 1.0),
                     ("integer/macs_per_clip", "MACs / clip (M)", 1e-6), ("integer/c_us_per_clip", "C us / clip", 1.0),
-                    ("integer/tflite_int8_us_per_clip", "TFLite int8 us / clip", 1.0))
+                    ("integer/tflite_int8_us_per_clip", "TFLite int8 us / clip", 1.0),
+                    ("tflite/test_acc", "interpreter acc %", 100.0),
+                    ("tflite/agreement", "interpreter agreement %", 100.0),
+                    ("tflite/latency_ms", "interpreter ms / clip", 1.0))
 
 
 @dataclass

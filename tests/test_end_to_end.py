@@ -296,3 +296,21 @@ def test_jobs_of_a_sweep_in_one_process_give_what_separate_runs_give(speech_comm
     assert len(figures) > 10 and {k: b[k] for k in figures} == {k: a[k] for k in figures}
     assert (job / "model_4bit.qlstm").read_bytes() == (tmp_path / "alone" / "model_4bit.qlstm").read_bytes()
     assert (job / "confusion_float.png").stat().st_size > 1000
+
+
+def test_qat_for_tflite_writes_the_model_the_interpreter_runs(speech_commands_root, tmp_path):
+    """quant=qat_tflite: fine-tuned through the TFLite int8 twin, written into .tflite files with the
+    trained weights, evaluated by LiteRT's interpreter; the streaming pair gives the whole clip's
+    outputs."""
+    proc = run("train.py", *small(tmp_path, "tfl"), "quant=qat_tflite", "bits=4", "quant.epochs=1",
+               "quant.calibration_size=64", "quant.stream_clips=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "tfl"
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert SHARED_KEYS <= set(s) and s["qat/epochs"] == 1 and s["quant/levels_ok"]
+    assert s["tflite/stream_matches"] and s["tflite/stream_clips"] == 3
+    assert s["tflite/agreement"] >= 0.9 and abs(s["tflite/test_acc"] - s["quant/test_acc"]) <= 0.1
+    assert s["tflite/size_bytes"] == (run_dir / "model_tflite_int8_b4.tflite").stat().st_size == s["quant/size_bytes"]
+    assert (run_dir / "model_tflite_int8_b4_stream.tflite").exists() and s["tflite/latency_ms"] > 0
+    for noise in NOISE:
+        assert noise not in proc.stdout + proc.stderr, noise

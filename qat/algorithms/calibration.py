@@ -52,7 +52,31 @@ def calibrate(qmodel, batches: Iterable[np.ndarray]) -> None:
     if not any(seen.values()):
         raise DataError("calibration got no batches: expected at least one batch of model inputs")
     for layer in layers:
-        for key, q in layer.activation_quantizers.items():
-            data = np.concatenate([v.reshape(-1, v.shape[-1]) for v in seen[(layer.name, key)]])
-            lo, hi = estimate_range(data if q.spec.granularity == "per_channel" else data.ravel(), q.spec)
-            q.set_range(lo, hi)
+        _set_ranges(layer, {key: seen[(layer.name, key)] for key in layer.activation_quantizers})
+
+
+def calibrate_in_order(qmodel, clips: np.ndarray, size: int = 64) -> None:
+    """`calibrate` one layer after another from the input: each layer's ranges come from what the
+    layers below it feed it once they are calibrated (where a layer's grid depends on the grids below
+    it, as in TFLite's int8 model, qat.layers.tflite_int8). One pass over `clips` per layer."""
+    layers = [layer for layer in quantized_layers(qmodel) if layer.activation_quantizers]
+    for layer in layers:
+        for q in layer.activation_quantizers.values():
+            q.reset()
+    for layer in layers:
+        tap = keras.Model(qmodel.inputs, input_tap(qmodel, layer))
+        seen = {key: [] for key in layer.activation_quantizers}
+        for batch in batches(clips, size):
+            for key, values in layer.calibration_values(tap(np.asarray(batch, np.float32), training=False)).items():
+                seen[key].append(np.asarray(values))
+        if not all(seen.values()):
+            raise DataError("calibration got no clips: expected at least one model input")
+        _set_ranges(layer, seen)
+
+
+def _set_ranges(layer, seen) -> None:
+    """Each activation range of `layer` from the values its quantizer saw, with its estimator."""
+    for key, q in layer.activation_quantizers.items():
+        data = np.concatenate([v.reshape(-1, v.shape[-1]) for v in seen[key]])
+        lo, hi = estimate_range(data if q.spec.granularity == "per_channel" else data.ravel(), q.spec)
+        q.set_range(lo, hi)

@@ -3,8 +3,8 @@ the stock interpreter clip by clip.
 
 The converter and the interpreter print lines that say nothing about the result, and they are
 silenced here: the converter's C++ summary line ("fully_quantize: 0, inference_type: ..."), the warning that float input statistics were not
-given (the model has float input), tf.lite.Interpreter's notice that it will move to the LiteRT
-package, and "Created TensorFlow Lite XNNPACK delegate for CPU". Conversion errors are raised as
+given (the model has float input), and "Created TensorFlow Lite XNNPACK delegate for CPU". The
+interpreter is LiteRT's (ai_edge_litert). Conversion errors are raised as
 exceptions and are not affected."""
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
+from ai_edge_litert.interpreter import Interpreter
 
 from qat.checks import OneOf
 from qat.errors import DataError
@@ -61,16 +62,22 @@ def to_tflite(model, mode: str, representative: Optional[np.ndarray] = None, int
         return converter.convert()
 
 
+def interpreter(flatbuffer: bytes):
+    """LiteRT's interpreter (ai_edge_litert, the runtime TFLite moved to) for a flatbuffer, tensors
+    allocated."""
+    with stderr_silenced():
+        runner = Interpreter(model_content=flatbuffer)
+        runner.allocate_tensors()
+    return runner
+
+
 class TFLiteModel:
     """A TFLite flatbuffer behind a Keras-like `predict`, one clip at a time, with the interpreter's
     variables reset before every clip (otherwise the fused LSTM carries its state across clips)."""
 
     def __init__(self, flatbuffer: bytes):
         self.flatbuffer = flatbuffer
-        with stderr_silenced(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
-            self.interpreter = tf.lite.Interpreter(model_content=flatbuffer)
-            self.interpreter.allocate_tensors()
+        self.interpreter = interpreter(flatbuffer)
         self.inp = self.interpreter.get_input_details()[0]
         self.out = self.interpreter.get_output_details()[0]
         self.latencies_ms = []

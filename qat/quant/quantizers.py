@@ -48,14 +48,18 @@ class WeightQuantizer:
     def build(self, layer, name: str, shape) -> None:
         """Create the quantizer's variables on `layer` for a weight `name` of `shape`."""
         shape = tuple(int(d) for d in shape)
-        self._axes = reduce_axes(len(shape), self.spec)
-        self._group_shape = tuple(1 if a in self._axes else d for a, d in enumerate(shape))
+        self._axes, self._group_shape = self._layout(shape)
         n_groups = int(np.prod(self._group_shape)) if self._group_shape else 1
         self._elements_per_group = int(np.prod(shape)) // n_groups
         self.variables = []     # everything this quantizer adds to the layer
         self._layer, self._name = layer, name
         self.frozen = self._add("frozen", "zeros", False, shape=())
         self._build_range()
+
+    def _layout(self, shape: tuple):
+        """(axes a range reduces over, shape of the range variables) for a weight of `shape`."""
+        axes = reduce_axes(len(shape), self.spec)
+        return axes, tuple(1 if a in axes else d for a, d in enumerate(shape))
 
     def _add(self, suffix: str, init, trainable: bool, shape=None):
         var = self._layer.add_weight(f"{self._name}_{suffix}", shape=self._group_shape if shape is None else shape,
@@ -140,6 +144,49 @@ class RangeWeightQuantizer(WeightQuantizer):
         self.frozen_scale.assign(self._grouped(scale))
         self.frozen_zero_point.assign(self._grouped(zero_point))
         self.frozen.assign(1.0)
+
+
+class GateBlockWeightQuantizer(RangeWeightQuantizer):
+    """RANGE weights with one symmetric range per gate: the last axis is cut into `blocks` equal
+    blocks (an LSTM kernel [F, 4U] holds the i, f, c, o gate matrices side by side), each with the
+    range of its largest magnitude times a clip ratio fitted once with the spec's estimator. This is
+    TFLite's int8 LSTM layout: one symmetric scale per input-to-gate and recurrent-to-gate matrix.
+    The range variables hold one value per column (each block's value repeated), so the scale
+    broadcasts against the weight as every other quantizer's does."""
+
+    def __init__(self, spec: QuantSpec, blocks: int = 4):
+        if spec.scheme != "symmetric":
+            raise ConfigError(f"scheme={spec.scheme!r} is not allowed for a per-gate weight quantizer: "
+                              "expected 'symmetric'")
+        super().__init__(spec)
+        self.blocks = int(blocks)
+
+    def _layout(self, shape: tuple):
+        if shape[-1] % self.blocks:
+            raise ConfigError(f"a weight of shape {list(shape)} cannot be cut into {self.blocks} gate blocks: "
+                              f"expected a last axis divisible by {self.blocks}")
+        return tuple(range(len(shape) - 1)), (1,) * (len(shape) - 1) + (shape[-1],)
+
+    def _per_block(self, columns):
+        """[..., C] column values -> the largest of each block, repeated over its columns."""
+        width = self._group_shape[-1] // self.blocks
+        top = tf.reduce_max(tf.reshape(columns, [self.blocks, width]), axis=1, keepdims=True)
+        return tf.reshape(tf.broadcast_to(top, [self.blocks, width]), self._group_shape)
+
+    def _live_range(self, w):
+        a = self._per_block(tf.reduce_max(tf.abs(w), axis=self._axes, keepdims=True)) * self.ratio_hi
+        return -a, a
+
+    def init_from(self, w: np.ndarray) -> None:
+        w = np.asarray(w, np.float32)
+        ratios = []
+        for block in np.split(w.reshape(-1, w.shape[-1]), self.blocks, axis=1):
+            lo, hi = estimate_range(block, self.spec)
+            top = float(np.max(np.abs(block)))
+            ratio = float(max(-np.min(lo), np.max(hi))) / top if top > 0 else 1.0
+            ratios.append(np.full(block.shape[1], ratio, np.float32))
+        r = self._grouped(np.concatenate(ratios))
+        self.ratio_lo.assign(r), self.ratio_hi.assign(r)
 
 
 class LsqWeightQuantizer(WeightQuantizer):
