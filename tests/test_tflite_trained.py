@@ -225,3 +225,9 @@ def test_recipe_settings_it_cannot_run_are_refused_before_any_data(overrides, ne
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         spec = specs.run(*overrides)
         spec.recipe.recipe.check_model(spec.model, spec.recipe.options)
+
+
+@pytest.mark.parametrize("preset", ["ptq_tflite", "qat_tflite"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_tflite_presets_are_valid_at_every_bit_width_they_hold(preset, bits):
+    assert specs.recipe(preset, f"bits={bits}").bits.bits == bits
