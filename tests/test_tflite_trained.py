@@ -206,6 +206,17 @@ def test_streaming_equals_the_whole_clip(sequences):
                                   TFLiteModel(flat).predict(x[:10]))
 
 
+def test_int8_io_file_takes_the_twins_input_codes(exported):
+    _, twin, x, flat = exported
+    flat8 = trained_tflite(twin, x[:8], int8_io=True)
+    runner = TFLiteModel(flat8)
+    w = twin_weights(twin)
+    assert runner.inp["dtype"] == np.int8 and runner.out["dtype"] == np.int8
+    assert runner.inp["quantization"] == pytest.approx((w.x.scale, w.x.zero_point))
+    assert float_ops(flat8) == []
+    np.testing.assert_array_equal(runner.predict(x).argmax(1), TFLiteModel(flat).predict(x).argmax(1))
+
+
 def test_a_file_computing_in_float_is_refused():
     model = _float_model()
     dynamic, _ = tflite_model(model, "dynamic")

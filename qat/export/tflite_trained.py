@@ -260,11 +260,12 @@ def check_integer_only(flatbuffer: bytes, what: str) -> None:
         raise ValueError(f"the {what} computes in float ({', '.join(bad)}): expected full-integer int8 ops only")
 
 
-def trained_tflite(twin, representative: np.ndarray) -> bytes:
+def trained_tflite(twin, representative: np.ndarray, int8_io: bool = False) -> bytes:
     """The whole-clip full-integer file of a calibrated, frozen twin (float input and output, int8
-    inside): one invoke per clip, reset the variables between clips."""
+    inside; `int8_io`: int8 input features on the twin's input grid and int8 probabilities): one
+    invoke per clip, reset the variables between clips."""
     w = twin_weights(twin)
-    flat = patched(_convert(_float_copy(twin, True, True), representative, False, False), w)
+    flat = patched(_convert(_float_copy(twin, True, True), representative, int8_io, int8_io), w)
     check_integer_only(flat, "TFLite file")
     return flat
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from qat.algorithms.calibration import calibrate_in_order, calibration_clips
 from qat.algorithms.report import REPORT_COLUMNS, report_rows, report_summary, weight_report
-from qat.checks import Checked, Integer, Number, setting
+from qat.checks import Checked, Flag, Integer, Number, setting
 from qat.errors import ConfigError
 from qat.export.tflite import TFLiteModel
 from qat.export.tflite_trained import TFLiteStream, streaming_tflite, trained_tflite
@@ -49,6 +49,7 @@ class TfliteTrainedOptions(Checked):
     calibration_size: int = setting(Integer(1))   # training clips that calibrate the ranges
     representative_size: int = setting(Integer(1))   # of them, clips the converter sees (its ranges are replaced)
     stream_clips: int = setting(Integer(0))       # test clips the streaming pair is checked on (0 = no streaming files)
+    int8_io: bool = setting(Flag())               # the whole-clip file takes int8 features and gives int8 outputs
 
     def scheme(self, bits: BitWidths) -> TfliteScheme:
         return TfliteScheme(bits.bits, self.estimator, self.act_estimator, self.percentile)
@@ -76,7 +77,7 @@ def tflite_result(ctx: RecipeContext, twin, calib: np.ndarray, opts: TfliteTrain
     lstm, _ = twin_layers(twin)
     representative = calib[:opts.representative_size]
     start = time.perf_counter()
-    flat = trained_tflite(twin, representative)
+    flat = trained_tflite(twin, representative, opts.int8_io)
     path = ctx.run_dir / f"model_tflite_int8_b{ctx.bits.bits}.tflite"
     write_bytes(path, flat)
     x, y = ctx.feats.x["test"], ctx.feats.y["test"]
@@ -86,7 +87,7 @@ def tflite_result(ctx: RecipeContext, twin, calib: np.ndarray, opts: TfliteTrain
                     "tflite/test_acc": float(np.mean(classes == y)),
                     "tflite/agreement": float(np.mean(classes == predict_classes(twin, x))),
                     "tflite/latency_ms": float(np.median(runner.latencies_ms)),
-                    "tflite/cell_exponent": lstm.cell_exponent()})
+                    "tflite/cell_exponent": lstm.cell_exponent(), "tflite/int8_io": opts.int8_io})
     exports = {"tflite": path}
     if opts.stream_clips:
         stream, head = streaming_tflite(twin, representative)
@@ -94,7 +95,8 @@ def tflite_result(ctx: RecipeContext, twin, calib: np.ndarray, opts: TfliteTrain
             write_bytes(ctx.run_dir / f"model_tflite_int8_b{ctx.bits.bits}_{name}.tflite", data)
         clips = x[:opts.stream_clips]
         streamed = TFLiteStream(stream, head, lstm.return_sequences).predict(clips)
-        summary.update({"tflite/stream_matches": bool(np.array_equal(streamed, runner.predict(clips))),
+        whole = TFLiteModel(trained_tflite(twin, representative)).predict(clips) if opts.int8_io else runner.predict(clips)
+        summary.update({"tflite/stream_matches": bool(np.array_equal(streamed, whole)),
                         "tflite/stream_clips": len(clips), "tflite/stream_size_bytes": len(stream),
                         "tflite/head_size_bytes": len(head)})
     summary["tflite/export_s"] = time.perf_counter() - start
