@@ -27,8 +27,12 @@ FIGURES = ("quant/test_acc", "quant/degradation", "float/test_acc", "quant/test_
            "quant/size_bytes", "quant/latency_ms", "predict/degradation", "integer/agreement", "integer/c_agreement",
            "integer/weight_bytes", "integer/ram_bytes", "integer/macs_per_clip", "integer/c_us_per_clip",
            "integer/tflite_int8_us_per_clip", "tflite/test_acc", "tflite/agreement", "tflite/latency_ms")
-# columns shown where some run has the figure: (key, title, scale)
-OPTIONAL_COLUMNS = (("predict/degradation", "predicted drop (pts)", 1.0), ("quant/latency_ms", "latency (ms)", 1.0),
+PREDICTED, PREDICTED_OTHER = "predict/degradation", "predict/other_model"
+# columns shown where some run has the figure: (key, title, scale). The predicted drop of a run whose
+# model is not the predicted one (`predict/matches_run` false: e.g. QAT's PTQ starting point) is
+# shown apart from the predicted drop of the row's own model.
+OPTIONAL_COLUMNS = (("predict/degradation", "predicted drop (pts)", 1.0),
+                    ("predict/other_model", "predicted drop of another model (pts)", 1.0), ("quant/latency_ms", "latency (ms)", 1.0),
                     ("integer/agreement", "integer agreement %", 100.0), ("integer/c_agreement", "C agreement %", 100.0),
                     ("integer/weight_bytes", "flash (KiB)", 1 / 1024), ("integer/ram_bytes", "RAM (B)", 1.0),
                     ("integer/macs_per_clip", "MACs / clip (M)", 1e-6), ("integer/c_us_per_clip", "C us / clip", 1.0),
@@ -106,6 +110,15 @@ def table(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         row["seeds"] = sorted(m.get("seed") for m in members)
         for fig in FIGURES:
             row[f"{fig}/mean"], row[f"{fig}/sd"] = _mean_sd([m.get(fig) for m in members])
+        own = lambda m: m.get("predict/matches_run") is True
+        row[f"{PREDICTED}/mean"], row[f"{PREDICTED}/sd"] = _mean_sd([m.get(PREDICTED) for m in members if own(m)])
+        row[f"{PREDICTED_OTHER}/mean"], row[f"{PREDICTED_OTHER}/sd"] = _mean_sd(
+            [m.get(PREDICTED) for m in members if not own(m)])
+        row["predict/of"] = sorted({m["predict/of"] for m in members if m.get(PREDICTED) is not None
+                                    and m.get("predict/of")})
+        outside = [m for m in members if m.get(PREDICTED) is not None and m.get("predict/in_validated_range") is False]
+        row["predict/outside_range"] = bool(outside)
+        row["predict/validated_bits"] = outside[0].get("predict/validated_bits") if outside else None
         rows.append(row)
     return rows
 
@@ -122,8 +135,12 @@ def write_csv(runs: List[Dict[str, Any]], path: Path) -> None:
 
 def markdown(rows: List[Dict[str, Any]], incomplete: List[str]) -> str:
     """The table as markdown: accuracies in %, degradation in points, mean ± sd over seeds."""
-    pm = lambda row, fig, scale=100.0: (f"{scale * row[f'{fig}/mean']:.2f} ± {scale * row[f'{fig}/sd']:.2f}"
-                                        if not math.isnan(row[f"{fig}/mean"]) else "n/a")
+    def pm(row, fig, scale=100.0):
+        if math.isnan(row[f"{fig}/mean"]):
+            return "n/a"
+        flag = " †" if fig in (PREDICTED, PREDICTED_OTHER) and row["predict/outside_range"] else ""
+        return f"{scale * row[f'{fig}/mean']:.2f} ± {scale * row[f'{fig}/sd']:.2f}{flag}"
+
     optional = [(fig, title, scale) for fig, title, scale in OPTIONAL_COLUMNS
                 if any(not math.isnan(r[f"{fig}/mean"]) for r in rows)]
     lines = ["| data | recipe | bits | act | state | n | float acc % | quant acc % | degradation (pts) | "
@@ -135,6 +152,16 @@ def markdown(rows: List[Dict[str, Any]], incomplete: List[str]) -> str:
                      f"| {r['state_bits'] or '-'} | {r['n']} | {pm(r, 'float/test_acc')} | {pm(r, 'quant/test_acc')} "
                      f"| {pm(r, 'quant/degradation', 1.0)} | "
                      + "".join(f"{pm(r, fig, scale)} | " for fig, _, scale in optional) + f"{size / 1024:.1f} |")
+    flagged = [r for r in rows if r["predict/outside_range"]]
+    if flagged:
+        low, high = flagged[0]["predict/validated_bits"] or ("?", "?")
+        lines += ["", f"† a prediction outside the predictor's validated range ({low}..{high} weight bits): "
+                      "large and uncertain, not a number to trust."]
+    others = sorted({(r["recipe"], of) for r in rows if not math.isnan(r[f"{PREDICTED_OTHER}/mean"])
+                     for of in r["predict/of"]})
+    if others:
+        lines += ["", "Predicted drop of another model: the prediction is of"] + [f"- {recipe}: {of}"
+                                                                                  for recipe, of in others]
     if incomplete:
         lines += ["", f"Incomplete runs ({len(incomplete)}), not in the table:"] + [f"- {d}" for d in incomplete]
     return "\n".join(lines) + "\n"

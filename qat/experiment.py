@@ -159,7 +159,8 @@ def log_artifacts(spec: RunSpec, summary: Dict[str, Any], exports: Dict[str, Pat
                      use=summary["float/reused"])
     quant = {**what, "float_model": f"float-{key}", "preset": spec.recipe.preset, "method": spec.recipe.method,
              **{k: summary.get(k) for k in ("bits", "act_bits", "state_bits", "quant/test_acc", "quant/degradation",
-                                            "quant/size_bytes", "quant/levels_ok")}}
+                                            "quant/size_bytes", "quant/levels_ok", "tflite/test_acc",
+                                            "tflite/agreement")}}
     names = {"packed": f"packed-{key}-{spec.recipe.preset}-b{spec.recipe.bits.bits}",
              "tflite": f"tflite-{key}-{spec.recipe.preset}"}
     for kind, path in exports.items():

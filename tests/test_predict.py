@@ -269,14 +269,20 @@ def test_ptq_summary_keys(trained):
     model, feats, _, _, _ = trained
     spec = specs.predict(calib="train", n_calib=128)
     cfg = _quant_config("bits=3")
-    out = predict_summary(model, feats, cfg, spec, 0)
+    out = predict_summary(model, feats, cfg, spec, 0, True)
     assert out["predict/weights_only"] is False and out["predict/calibration_clips"] == 128
+    assert out["predict/matches_run"] and out["predict/in_validated_range"]
+    assert out["predict/of"] == "3-bit per_tensor asymmetric weights rounded to nearest (minmax ranges)"
     x, y = calibration_set(feats.x["train"], feats.y["train"], 128, 0)
     assert out["predict/degradation"] == pytest.approx(predict_drop(model, x, y, cfg), abs=1e-6)
     with_acts = _quant_config("bits=3", "act_bits=8")
-    out = predict_summary(model, feats, with_acts, spec, 0)
-    assert out["predict/weights_only"] is True
+    out = predict_summary(model, feats, with_acts, spec, 0, True)
+    assert out["predict/weights_only"] is True and not out["predict/matches_run"]   # activations not modelled
+    assert out["predict/of"].endswith(", activations and state float")
     assert out["predict/degradation"] == pytest.approx(predict_drop(model, x, y, cfg), abs=1e-6)
+    at2 = predict_summary(model, feats, _quant_config("bits=2"), spec, 0, False, "the PTQ starting point of QAT")
+    assert not at2["predict/in_validated_range"] and not at2["predict/matches_run"]
+    assert at2["predict/of"].startswith("the PTQ starting point of QAT: 2-bit")
 
 
 def test_a_model_the_predictor_cannot_follow_gets_no_prediction_and_a_reason(trained):
@@ -287,7 +293,8 @@ def test_a_model_the_predictor_cannot_follow_gets_no_prediction_and_a_reason(tra
     h = keras.layers.Reshape((*feats.input_shape, 1))(inputs)
     h = keras.layers.DepthwiseConv2D(3, name="conv")(h)
     out = keras.layers.Dense(len(feats.class_names), activation="softmax")(keras.layers.Flatten()(h))
-    out = predict_summary(keras.Model(inputs, out), feats, _quant_config("bits=4"), specs.predict(calib="train"), 0)
+    out = predict_summary(keras.Model(inputs, out), feats, _quant_config("bits=4"), specs.predict(calib="train"), 0,
+                          True)
     assert out["predict/degradation"] is None and "'conv' (DepthwiseConv2D)" in out["predict/unsupported"]
 
 

@@ -2,6 +2,7 @@
 the aggregation step tabulates and draws runs, listing the incomplete ones."""
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -109,6 +110,27 @@ def test_aggregate_tables_and_figure(tmp_path):
     assert len((tmp_path / "runs.csv").read_text().strip().splitlines()) == 7
     for p in figure(rows, tmp_path / "fig"):
         assert p.stat().st_size > 1000
+
+
+def test_predicted_drop_of_another_model_is_never_under_predicted(tmp_path):
+    """A QAT row's prediction (its PTQ starting point) and a default-ptq row's (round to nearest, not
+    the run's GPTQ + refinement) sit in their own column; a 2-bit prediction is marked as outside
+    the validated range."""
+    rows = [("ptq_seed", 4, True, True), ("ptq", 4, False, True), ("qat", 2, False, False)]
+    for i, (preset, bits, matches, in_range) in enumerate(rows):
+        _fake_run(tmp_path, f"{i}", data="fsdd", task="fsdd", preset=preset, method=preset, bits=bits, act_bits=None,
+                  state_bits=None, seed=0, **{"quant/test_acc": 0.9, "float/test_acc": 0.95, "quant/degradation": 5.0,
+                                              "quant/size_bytes": 100, "predict/degradation": float(bits),
+                                              "predict/matches_run": matches, "predict/in_validated_range": in_range,
+                                              "predict/validated_bits": [3, 16], "predict/of": f"what {preset} predicts"})
+    got = {r["recipe"]: r for r in table(collect([str(tmp_path)]).runs)}
+    assert got["ptq_seed"]["predict/degradation/mean"] == 4.0 and math.isnan(got["ptq_seed"]["predict/other_model/mean"])
+    assert math.isnan(got["ptq"]["predict/degradation/mean"]) and got["ptq"]["predict/other_model/mean"] == 4.0
+    md = markdown(list(got.values()), [])
+    qat_line = next(line for line in md.splitlines() if line.startswith("| fsdd | qat |"))
+    assert qat_line.count("n/a") >= 1 and "2.00 ± 0.00 †" in qat_line
+    assert "outside the predictor's validated range (3..16 weight bits)" in md
+    assert "- qat: what qat predicts" in md and "- ptq: what ptq predicts" in md and "ptq_seed: what" not in md
 
 
 def test_report_of_a_sweep_built_offline(tmp_path):

@@ -387,13 +387,32 @@ def predict_drop(float_model, x_calib: np.ndarray, y_calib: np.ndarray, cfg: Qua
     return sens.drop(config_variance(sens, cfg))
 
 
-def predict_summary(float_model, feats, cfg: QuantConfig, spec: "PredictSpec", seed: int) -> Dict[str, object]:
-    """The `predict/*` summary keys of a PTQ run: `predict/degradation` (points) for the weights of
-    `cfg`, predicted from `spec.n_calib` labelled clips of `spec.calib`. Activation / state
-    quantization is not modelled: when `cfg` has it, the prediction covers the weights only and
-    `predict/weights_only` is true. Costs one gradient pass (seconds). A model the predictor cannot
-    follow gets no prediction (`predict/degradation` null) and the reason in `predict/unsupported`."""
+VALIDATED_BITS = (3, 16)    # weight bits where the prediction's error was measured to be small (BENCHMARKS.md)
+
+
+def predicted_model(cfg: QuantConfig) -> str:
+    """What `predict_drop` predicts for `cfg`, in words."""
+    w = cfg.weights
+    return (f"{w.bits}-bit {w.granularity} {w.scheme} weights rounded to nearest ({w.estimator} ranges)"
+            + (", activations and state float" if cfg.quantizes_activations else ""))
+
+
+def predict_summary(float_model, feats, cfg: QuantConfig, spec: "PredictSpec", seed: int,
+                    runs_predicted_model: bool, of: str = "") -> Dict[str, object]:
+    """The `predict/*` summary keys of a run: `predict/degradation` (points) for the weights of
+    `cfg` rounded to nearest, predicted from `spec.n_calib` labelled clips of `spec.calib`, and what
+    it means: `predict/of` (the predicted model in words, `of` first: e.g. "the PTQ starting point
+    of QAT"), `predict/matches_run` (the run's model is that model: `runs_predicted_model`, and no
+    activation / state quantization, which is not modelled) and `predict/in_validated_range`
+    (weights bits in VALIDATED_BITS). `predict/weights_only` is true when `cfg` quantizes
+    activations or state (the prediction covers its weights only). Costs one gradient pass
+    (seconds). A model the predictor cannot follow gets no prediction (`predict/degradation` null)
+    and the reason in `predict/unsupported`."""
     t0 = time.perf_counter()
+    meaning = {"predict/of": f"{of}: {predicted_model(cfg)}" if of else predicted_model(cfg),
+               "predict/matches_run": bool(runs_predicted_model and not cfg.quantizes_activations and not cfg.integer),
+               "predict/in_validated_range": VALIDATED_BITS[0] <= cfg.weights.bits <= VALIDATED_BITS[1],
+               "predict/validated_bits": list(VALIDATED_BITS)}
     x, y = calibration_set(feats.x[spec.calib], feats.y[spec.calib], spec.n_calib, seed)
     try:
         sens = derived(float_model, "sensitivity", lambda: sensitivity(float_model, x, y, spec.competitors), x, y,
@@ -402,7 +421,7 @@ def predict_summary(float_model, feats, cfg: QuantConfig, spec: "PredictSpec", s
     except UnsupportedModel as e:
         return {"predict/degradation": None, "predict/unsupported": str(e), "time/predict_s": time.perf_counter() - t0}
     return {"predict/degradation": drop, "predict/calibration_clips": len(x), "predict/calibration_split": spec.calib,
-            "predict/weights_only": cfg.quantizes_activations, "time/predict_s": time.perf_counter() - t0}
+            "predict/weights_only": cfg.quantizes_activations, **meaning, "time/predict_s": time.perf_counter() - t0}
 
 
 def weight_config(bits: int, granularity: str = "per_tensor", scheme: str = "asymmetric",

@@ -41,6 +41,12 @@ class PtqOptions(QuantOptions):
     refine_epochs: int = setting(Integer(0, expected="an integer >= 0 (0 = no rounding refinement)"))
     refine_learning_rate: float = setting(Number(0, low_open=True))
 
+    @property
+    def rounds_to_nearest(self) -> bool:
+        """Whether the weights are rounded to nearest with the spec's estimator and nothing else (what
+        the degradation predictor predicts)."""
+        return not (self.search or self.gptq or self.bias_correction or self.refine_epochs)
+
 
 def validation_loss(model, feats) -> float:
     """Mean cross-entropy of the model on the validation split (selection signal of `search`)."""
@@ -74,7 +80,8 @@ class Ptq(Recipe):
         calib = calibration_clips(feats.x["train"], opts.calibration_size, ctx.seed)
         summary: Dict[str, Any] = {"quant/calibration_clips": len(calib)}
         # The predicted drop (float model + validation clips only) sits next to the measured one.
-        summary.update(predict_summary(model, feats, opts.quant_config(bits), ctx.predict, ctx.seed))
+        summary.update(predict_summary(model, feats, opts.quant_config(bits), ctx.predict, ctx.seed,
+                                       opts.rounds_to_nearest))
         candidates = [(e, g) for e in ESTIMATOR_CANDIDATES for g in (False, True)] if opts.search \
             else [(opts.estimator, opts.gptq)]
         best = None

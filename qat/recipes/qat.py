@@ -22,6 +22,7 @@ import numpy as np
 import tf_keras as keras
 
 from qat.algorithms.calibration import batches, calibrate, calibration_clips
+from qat.algorithms.predict import predict_summary
 from qat.checks import Bits, Flag, Integer, ListOf, Nullable, Number, rejected, setting
 from qat.data.augment import training_data
 from qat.export.packed import model_from_packed
@@ -111,6 +112,9 @@ class Qat(Recipe):
         """Fine-tune the fake-quant twin, stage by stage when bits are lowered progressively, then
         freeze the ranges, report and export packed weights."""
         model, feats, bits = ctx.float_model, ctx.feats, ctx.bits
+        # what QAT starts from, predicted before fine-tuning: not the model this run ends with
+        start = predict_summary(model, feats, opts.quant_config(bits), ctx.predict, ctx.seed, False,
+                                "the PTQ starting point of QAT")
         set_seed(ctx.seed)
         calib = calibration_clips(feats.x["train"], opts.calibration_size, ctx.seed)
         stages: List[int] = list(opts.progressive_bits) + [bits.bits]
@@ -139,7 +143,7 @@ class Qat(Recipe):
         summary: Dict[str, Any] = {"qat/epochs": sum(h["epochs"] for h in history), "qat/max_epochs": epochs,
                                    "qat/learning_rate": learning_rate, "qat/sec_per_epoch": float(np.median(seconds)),
                                    "qat/stages": stages, "qat/learned": opts.learned,
-                                   "qat/best_epoch": history[-1]["best_epoch"]}
+                                   "qat/best_epoch": history[-1]["best_epoch"], **start}
         cfg = opts.quant_config(bits, opts.strategy)
         return quantized_result(ctx, qmodel, opts.integer, summary, lambda path: {
             "qat/packed_matches": packed_predictions_match(qmodel, model, cfg, path, feats.x["test"])})
