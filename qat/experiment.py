@@ -96,7 +96,7 @@ def train_float(spec: RunSpec, feats: Features, tracker: Tracker, user=None):
         if spec.features.normalize:
             mean, var = normalization_stats(feats.x["train"])
         model = build_model(feats.input_shape, len(feats.class_names), spec.model, mean, var)
-    train_data, steps, aug = training_data(spec.data, spec.features, spec.trainer, feats, spec.seed)
+    train_data, steps, aug = training_data(spec.data, spec.features, spec.trainer, feats, spec.seed, spec.cache_dir)
     start = time.perf_counter()
     result = fit(model, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], spec.trainer,
                  verbose=spec.verbose, train_data=train_data, steps_per_epoch=steps,

@@ -6,9 +6,11 @@ import re
 import numpy as np
 import pytest
 import soundfile
+import tensorflow as tf
 
 from qat.data.augment import (MIN_NOISE_RMS, augment, frame_shift_dataset, load_noise, mix_noise, noise_files,
-                              shift_frames, shift_in_frames, time_shift, training_data, training_dataset)
+                              shift_frames, shift_in_frames, time_shift, training_data, training_dataset,
+                              training_waveforms)
 from qat.data.datasets import SILENCE, list_files, load_waveforms, speaker_of, split_of
 from qat.data.features import Features, compute_features, load_features
 from qat.errors import ConfigError
@@ -277,3 +279,35 @@ def test_frame_shift_dataset_is_seeded_and_covers_every_clip(clips):
 @pytest.mark.parametrize("ms,hop,frames", [(0, 20, 0), (100, 20, 5), (5, 20, 1), (50, 20, 2), (30, 20, 2)])
 def test_shift_in_frames(ms, hop, frames):
     assert shift_in_frames(ms, hop) == frames
+
+
+def test_batches_come_in_the_order_shuffling_the_rows_gives(clips):
+    """The pipelines shuffle row indices and gather each batch in place; the order is the one
+    shuffling the rows themselves with the same seed gives (tf.data's own pipeline as the oracle)."""
+    data, waves, labels = clips
+    x = compute_features(waves, FeatureSpec(mel_bins=40, log=True), data.sample_rate)
+    ds, steps = frame_shift_dataset(x, labels, batch_size=4, seed=3, max_frames=0)
+    oracle = tf.data.Dataset.from_tensor_slices((x, labels)).shuffle(len(x), seed=3, reshuffle_each_iteration=True)
+    oracle = oracle.batch(4).repeat()
+    for (bx, by), (ox, oy) in zip(ds.take(3 * steps).as_numpy_iterator(), oracle.take(3 * steps).as_numpy_iterator()):
+        np.testing.assert_array_equal(by, oy)
+        np.testing.assert_array_equal(bx, ox)
+
+
+def test_training_waveforms_are_memory_mapped_from_the_cache(clips, tmp_path):
+    data, waves, _ = clips
+    files = [str(p) for p in list_files(data).files["train"][:5]]
+    expected, _ = load_waveforms(files, data)
+    mapped = training_waveforms(files, data, str(tmp_path), "k")
+    assert isinstance(mapped, np.memmap) and mapped.dtype == np.float32
+    np.testing.assert_array_equal(mapped, expected)
+    path = tmp_path / "waveforms" / f"{data.name}-k.npy"
+    stamp = path.stat().st_mtime_ns
+    np.testing.assert_array_equal(training_waveforms(files, data, str(tmp_path), "k"), expected)
+    assert path.stat().st_mtime_ns == stamp                         # read again, not rewritten
+    np.testing.assert_array_equal(training_waveforms(files[:3], data, str(tmp_path), "k"), expected[:3])  # other shape
+    np.testing.assert_array_equal(training_waveforms(files, data, None, "k"), expected)   # no cache: in memory
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]                 # no temporary left
+    ds, steps = training_dataset(mapped, np.arange(5) % 3, FeatureSpec(mel_bins=40, log=True), data.sample_rate,
+                                 batch_size=2, seed=0, max_shift=800)
+    assert sum(len(b[1]) for b in ds.take(steps).as_numpy_iterator()) == 5

@@ -26,9 +26,11 @@ import numpy as np
 import soundfile
 import tensorflow as tf
 
+from qat.data.batches import gathered
 from qat.data.datasets import SILENCE, DataSpec, load_waveforms, read_wav, speaker_of, split_of
-from qat.data.features import features_tf
+from qat.data.features import WAVE_CHUNK, features_tf
 from qat.errors import ConfigError, DataError
+from qat.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +141,19 @@ def shift_frames(x, max_frames: int, seed):
     return tf.gather(padded, offsets[:, None] + tf.range(n)[None, :], batch_dims=1)
 
 
-def _epochs_of(ds, n: int, batch_size: int, seed: int, step):
-    """Shuffle each epoch, batch (never straddling epochs), repeat, and map `step(i, batch)`."""
-    ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True).batch(batch_size).repeat()
+def _epochs_of(arrays: tuple, batch_size: int, seed: int, step):
+    """Shuffle each epoch, batch (never straddling epochs), repeat, and map `step(i, batch)`. The
+    shuffle runs over row indices (the same order as shuffling the rows themselves with this seed)
+    and each batch is gathered from the arrays in place (qat.data.batches.gathered): a memory-mapped
+    array is read batch by batch, and no pipeline holds a copy of the set."""
+    n = len(arrays[0])
+    indices = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).batch(batch_size).repeat()
+    ds = gathered(indices, arrays)
     return ds.enumerate().map(step, num_parallel_calls=2, deterministic=True).prefetch(2)
+
+
+def _float32(x: np.ndarray) -> np.ndarray:
+    return x if x.dtype == np.float32 else x.astype(np.float32)
 
 
 def frame_shift_dataset(x: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, max_frames: int):
@@ -155,8 +166,7 @@ def frame_shift_dataset(x: np.ndarray, labels: np.ndarray, batch_size: int, seed
     def step(i, batch):
         return shift_frames(batch[0], max_frames, tf.stack([tf.constant(seed, tf.int64), i])), batch[1]
 
-    ds = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), labels.astype(np.int64)))
-    return _epochs_of(ds, len(x), batch_size, seed, step), int(np.ceil(len(x) / batch_size))
+    return _epochs_of((_float32(x), labels.astype(np.int64)), batch_size, seed, step), int(np.ceil(len(x) / batch_size))
 
 
 def shift_in_frames(time_shift_ms: float, hop_ms: float) -> int:
@@ -183,8 +193,7 @@ def training_dataset(waves: np.ndarray, labels: np.ndarray, feature_spec, sample
                     noise_prob=noise_prob, snr_db=snr_db)
         return features_tf(x, feature_spec, sample_rate), y
 
-    ds = tf.data.Dataset.from_tensor_slices((waves.astype(np.float32), labels.astype(np.int64)))
-    return _epochs_of(ds, len(waves), batch_size, seed, step), steps
+    return _epochs_of((_float32(waves), labels.astype(np.int64)), batch_size, seed, step), steps
 
 
 def noise_bank(data: DataSpec, trainer) -> Optional[np.ndarray]:
@@ -203,14 +212,52 @@ def noise_bank(data: DataSpec, trainer) -> Optional[np.ndarray]:
     return noise
 
 
-def training_data(data: Optional[DataSpec], feature_spec, trainer, feats, seed: int):
+def training_waveforms(files: Sequence[str], data: DataSpec, cache_dir: Optional[str], key: str) -> np.ndarray:
+    """[N, samples] float32 waveforms of the training clips `files`, read WAVE_CHUNK clips at a time
+    into a memory-mapped file `<cache_dir>/waveforms/<data>-<key>.npy` (written once, atomically;
+    one of another shape is written again), which the noise-mixing pipeline then reads batch by
+    batch: memory holds a chunk, not the set. Without a cache_dir, in memory. A clip that cannot be
+    read now but was read when the features (key) were cached is a DataError."""
+    shape = (len(files), data.num_samples)
+
+    def read_into(out: np.ndarray) -> None:
+        for start in range(0, len(files), WAVE_CHUNK):
+            waves, kept = load_waveforms(list(files[start:start + WAVE_CHUNK]), data)
+            if not kept.all():
+                raise DataError(f"{int((~kept).sum())} training clip(s) of {data.name!r} are unreadable now but were "
+                                "read when the features were cached: clear the feature cache (cache_dir) and rerun")
+            out[start:start + len(waves)] = waves
+
+    if not cache_dir:
+        out = np.zeros(shape, np.float32)
+        read_into(out)
+        return out
+    path = Path(os.path.expanduser(cache_dir)) / "waveforms" / f"{data.name}-{key}.npy"
+    try:
+        cached = np.load(path, mmap_mode="r")
+        if cached.shape == shape and cached.dtype == np.float32:
+            return cached
+    except (OSError, ValueError):
+        pass
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        read_into(out)
+        out.flush()
+        del out
+    log.info("training waveforms cached in %s", path)
+    return np.load(path, mmap_mode="r")
+
+
+def training_data(data: Optional[DataSpec], feature_spec, trainer, feats, seed: int,
+                  cache_dir: Optional[str] = None):
     """The training split of `feats` as an augmented pipeline set up from the trainer's settings
     (`time_shift_ms`, `noise_prob`, `noise_snr_db`, `noise_dir`), or (None, None, {}) when the
     trainer does not augment.
 
     Without noise (mixing off, no noise in the data set, or `data=None` as in QAT fine-tuning, which
     has only features) the cached frames are shifted by whole hops; with noise the waveforms are
-    read, shifted, mixed and turned into features on the fly. Returns (dataset, steps_per_epoch,
+    read, shifted, mixed and turned into features on the fly (from a memory-mapped copy of the
+    training waveforms under `cache_dir`: `training_waveforms`). Returns (dataset, steps_per_epoch,
     info) with info = {"aug_pipeline": "frames" | "waveforms", "aug_noise_pieces": K, "aug_setup_s": s}.
     """
     if not trainer.augment:
@@ -225,10 +272,7 @@ def training_data(data: Optional[DataSpec], feature_spec, trainer, feats, seed: 
         dataset, steps = frame_shift_dataset(feats.x["train"], labels, trainer.batch_size, seed, max_frames)
         return dataset, steps, {"aug_pipeline": "frames", "aug_shift_frames": max_frames, "aug_noise_pieces": 0,
                                 "aug_setup_s": time.perf_counter() - t0}
-    waves, kept = load_waveforms(list(feats.files["train"]), data)
-    if not kept.all() or len(waves) != len(labels):
-        raise DataError(f"{int((~kept).sum())} training clip(s) of {data.name!r} are unreadable now but were "
-                          "read when the features were cached: clear the feature cache (cache_dir) and rerun")
+    waves = training_waveforms(feats.files["train"], data, cache_dir, feats.key)
     max_shift = int(round(trainer.time_shift_ms * data.sample_rate / 1000.0))
     dataset, steps = training_dataset(waves, labels, feature_spec, data.sample_rate, trainer.batch_size, seed,
                                       max_shift=max_shift, noise=noise, noise_prob=trainer.noise_prob,

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 
-def _gathered(indices: tf.data.Dataset, arrays: tuple) -> tf.data.Dataset:
+def gathered(indices: tf.data.Dataset, arrays: tuple) -> tf.data.Dataset:
     """Batches of `arrays` (numpy, read in place: never copied whole into a tensor, so a large or
     memory-mapped array costs only its batches) at each element of `indices` (a vector of rows)."""
     arrays = tuple(np.asarray(a) for a in arrays)     # a memory map stays one
@@ -37,7 +37,7 @@ def batched(x: np.ndarray, y: Optional[np.ndarray] = None, batch_size: int = 256
     arrays = (x,) if y is None else (x, y)
     n = len(x)
     indices = tf.data.Dataset.range(0, n, batch_size).map(lambda s: tf.range(s, tf.minimum(s + batch_size, n)))
-    ds = _gathered(indices, arrays)
+    ds = gathered(indices, arrays)
     return ds.map(lambda x_batch: x_batch) if y is None else ds     # one array: plain batches, not 1-tuples
 
 
@@ -58,7 +58,7 @@ def shuffled_batches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int)
         return flat
 
     indices = tf.data.Dataset.range(1).repeat(epochs).map(permutation).prefetch(1).flat_map(batch_indices)
-    ds = _gathered(indices, (x, y))
+    ds = gathered(indices, (x, y))
     options = tf.data.Options()
     options.experimental_optimization.apply_default_optimizations = False
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
