@@ -96,8 +96,8 @@ class QGRU(QuantizedRNN):
 
     @staticmethod
     def _intermediates(x, kernel, rec_kernel, bias, cell):
-        project, step = _step(kernel, rec_kernel, bias, None, cell, None, None, None, record=True)
-        return time_loop(project(x), (tf.zeros((tf.shape(x)[1], cell.units), x.dtype),), step, 4)
+        step = _step(kernel, rec_kernel, bias, None, cell, None, None, None, record=True)
+        return time_loop(x, (tf.zeros((tf.shape(x)[1], cell.units), x.dtype),), step, 4)
 
     def get_config(self):
         return {**super().get_config(), "reset_after": self.reset_after}
@@ -120,10 +120,9 @@ class _Cell:
 
 
 def _step(kernel, rec_kernel, bias, rec_mask, cell: _Cell, zr_q, n_q, hq, record: bool):
-    """(input projection x [..., F] -> x W + b_in [..., 3U], one GRU time step (x_t W + b_in, (h,)) ->
-    ((h_new,), outputs)): outputs (h_new,), or with `record` the state and the three gates
-    unquantized (h_new, z, r, n) for calibration. `zr_q`, `n_q`, `hq`: the fake-quant of z and r
-    together, of n, of h (None: float)."""
+    """One GRU time step (x_t, (h,)) -> ((h_new,), outputs): (h_new,), or with `record` the state and
+    the three gates unquantized (h_new, z, r, n) for calibration. `zr_q`, `n_q`, `hq`: the fake-quant
+    of z and r together, of n, of h (None: float)."""
     act, rec_act, u = cell.activation, cell.recurrent_activation, cell.units
     if bias is None:
         in_bias = rec_bias = None
@@ -133,13 +132,12 @@ def _step(kernel, rec_kernel, bias, rec_mask, cell: _Cell, zr_q, n_q, hq, record
         in_bias, rec_bias = bias, None
     rec_zr, rec_h = rec_kernel[:, :2 * u], rec_kernel[:, 2 * u:]
 
-    def project(x):
-        xz = tf.tensordot(x, kernel, axes=1)
-        return xz if in_bias is None else tf.nn.bias_add(xz, in_bias)
-
-    def step(xz, states):
+    def step(x_t, states):
         (h,) = states
         h_in = h if rec_mask is None else h * rec_mask
+        xz = tf.matmul(x_t, kernel)
+        if in_bias is not None:
+            xz = tf.nn.bias_add(xz, in_bias)
         x_zr, x_h = tf.split(xz, [2 * u, u], axis=1)
         if cell.reset_after:
             hz = tf.matmul(h_in, rec_kernel)
@@ -157,4 +155,4 @@ def _step(kernel, rec_kernel, bias, rec_mask, cell: _Cell, zr_q, n_q, hq, record
         h_new = h_new if hq is None else hq(h_new)
         return (h_new,), ((h_new, z, r, n) if record else (h_new,))
 
-    return project, step
+    return step

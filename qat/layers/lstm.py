@@ -132,17 +132,8 @@ class _Cell:
     gated: bool
 
 
-def input_projection(kernel, bias):
-    """x [..., F] -> x W + b [..., 4U]: the input part of every gate pre-activation."""
-    def project(x):
-        z = tf.tensordot(x, kernel, axes=1)
-        return z if bias is None else tf.nn.bias_add(z, bias)
-
-    return project
-
-
 def _lstm_step(kernel, rec_kernel, bias, rec_mask, params, cell: _Cell):
-    """(input projection, one quantized LSTM time step (x_t W + b, (h, c)) -> ((h_new, c_new), (h_new,)))."""
+    """One quantized LSTM time step, (x_t, (h, c)) -> ((h_new, c_new), (h_new,))."""
     kinds = dict(cell.kinds)
     act, rec_act = cell.activation, cell.recurrent_activation
     u = cell.units
@@ -162,9 +153,12 @@ def _lstm_step(kernel, rec_kernel, bias, rec_mask, params, cell: _Cell):
     cq, hq = quant.get("state_c", identity), quant.get("state_h", identity)
     gq = quant.get("gate")
 
-    def step(zx_t, states):
+    def step(x_t, states):
         h, c = states
-        z = zx_t + tf.matmul(h if rec_mask is None else h * rec_mask, rec_kernel)
+        z = tf.matmul(x_t, kernel)
+        z += tf.matmul(h if rec_mask is None else h * rec_mask, rec_kernel)
+        if bias is not None:
+            z = tf.nn.bias_add(z, bias)
         if one_sigmoid:
             i, f, g, o = tf.split(gq(tf.sigmoid(z)), 4, axis=1)
         else:
@@ -175,7 +169,7 @@ def _lstm_step(kernel, rec_kernel, bias, rec_mask, params, cell: _Cell):
         h_new = hq(o * act(c_new))
         return (h_new, c_new), (h_new,)
 
-    return input_projection(kernel, bias), step
+    return step
 
 
 def _intermediates(x, kernel, rec_kernel, bias, cell: _Cell):

@@ -44,11 +44,8 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
     loop, calibration values and taking over a float Keras layer.
 
     A subclass sets the names and `n_states`, builds its weights and quantizers (`build`), and gives
-    one time step (`_step_fn(kernel, recurrent_kernel, bias, rec_mask, params, cell)` -> (project,
-    step): `project` maps inputs [..., F] to what a step reads, the input projection x W + b of every
-    step computed at once outside the loop (one large product instead of one per step, forwards and
-    backwards), and `step` (projected x_t, states) -> (new states, (h_t,)), states[0] being h) and the
-    unquantized loop for calibration
+    one time step (`_step_fn(kernel, recurrent_kernel, bias, rec_mask, params, cell)` -> a function
+    (x_t, states) -> (new states, (h_t,)), states[0] being h) and the unquantized loop for calibration
     (`_intermediates(x, kernel, recurrent_kernel, bias, cell)`, every state and gate over time-major
     x, in `state_names + gate_names` order). `step` runs one frame with carried states: streaming."""
 
@@ -105,9 +102,9 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
 
     @classmethod
     def _float_recurrence(cls, x, kernel, rec_kernel, bias, rec_mask, params, cell):
-        project, step = cls._step_fn(kernel, rec_kernel, bias, rec_mask, params, cell)
+        step = cls._step_fn(kernel, rec_kernel, bias, rec_mask, params, cell)
         zeros = tf.zeros((tf.shape(x)[1], cell.units), x.dtype)
-        return time_loop(project(x), (zeros,) * cls.n_states, step, 1)
+        return time_loop(x, (zeros,) * cls.n_states, step, 1)
 
     @staticmethod
     def _intermediates(x, kernel, rec_kernel, bias, cell):
@@ -249,8 +246,8 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
         q_in = self.activation_quantizers.get("input")
         x_t = x_t if q_in is None else q_in(x_t)
         kinds, params = self._loop_quantizers()
-        project, step = self._step_fn(*self._weights(), None, params, self._cell(kinds, gated))
-        new_states, (h,) = step(project(x_t), tuple(states))
+        step = self._step_fn(*self._weights(), None, params, self._cell(kinds, gated))
+        new_states, (h,) = step(x_t, tuple(states))
         return h, tuple(new_states)
 
     def calibration_values(self, inputs) -> dict:
