@@ -26,13 +26,17 @@ OPTION_PREFIX = "options/"
 FIGURES = ("quant/test_acc", "quant/degradation", "float/test_acc", "quant/test_balanced_acc",
            "quant/size_bytes", "quant/latency_ms", "predict/degradation", "integer/agreement", "integer/c_agreement",
            "integer/weight_bytes", "integer/ram_bytes", "integer/macs_per_clip", "integer/c_us_per_clip",
-           "integer/tflite_int8_us_per_clip", "tflite/test_acc", "tflite/agreement", "tflite/latency_ms")
+           "integer/tflite_int8_us_per_clip", "tflite/test_acc", "tflite/agreement", "tflite/latency_ms",
+           "quant/val_degradation", "quant/test_noise_sd")
 PREDICTED, PREDICTED_OTHER = "predict/degradation", "predict/other_model"
+BASELINES = ("quant/val_degradation", "quant/test_noise_sd")   # shown beside predictions only
 # columns shown where some run has the figure: (key, title, scale). The predicted drop of a run whose
 # model is not the predicted one (`predict/matches_run` false: e.g. QAT's PTQ starting point) is
 # shown apart from the predicted drop of the row's own model.
 OPTIONAL_COLUMNS = (("predict/degradation", "predicted drop (pts)", 1.0),
-                    ("predict/other_model", "predicted drop of another model (pts)", 1.0), ("quant/latency_ms", "latency (ms)", 1.0),
+                    ("predict/other_model", "predicted drop of another model (pts)", 1.0),
+                    ("quant/val_degradation", "val-measured drop (pts)", 1.0),
+                    ("quant/test_noise_sd", "test noise sd (pts)", 1.0), ("quant/latency_ms", "latency (ms)", 1.0),
                     ("integer/agreement", "integer agreement %", 100.0), ("integer/c_agreement", "C agreement %", 100.0),
                     ("integer/weight_bytes", "flash (KiB)", 1 / 1024), ("integer/ram_bytes", "RAM (B)", 1.0),
                     ("integer/macs_per_clip", "MACs / clip (M)", 1e-6), ("integer/c_us_per_clip", "C us / clip", 1.0),
@@ -141,8 +145,10 @@ def markdown(rows: List[Dict[str, Any]], incomplete: List[str]) -> str:
         flag = " †" if fig in (PREDICTED, PREDICTED_OTHER) and row["predict/outside_range"] else ""
         return f"{scale * row[f'{fig}/mean']:.2f} ± {scale * row[f'{fig}/sd']:.2f}{flag}"
 
+    shown = lambda fig: any(not math.isnan(r[f"{fig}/mean"]) for r in rows)
+    predicted = shown(PREDICTED) or shown(PREDICTED_OTHER)
     optional = [(fig, title, scale) for fig, title, scale in OPTIONAL_COLUMNS
-                if any(not math.isnan(r[f"{fig}/mean"]) for r in rows)]
+                if shown(fig) and (predicted or fig not in BASELINES)]
     lines = ["| data | recipe | bits | act | state | n | float acc % | quant acc % | degradation (pts) | "
              + "".join(f"{title} | " for _, title, _ in optional) + "size (KiB) |",
              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(optional) + "---|"]

@@ -26,7 +26,7 @@ from qat.export.packed import model_from_packed
 from qat.io import make_dirs, write_json
 from qat.layers.fold import fold_batch_norms
 from qat.layers.model import check_quantizable
-from qat.metrics import evaluate, plot_confusion
+from qat.metrics import evaluate, flip_noise, plot_confusion
 from qat.recipes.base import RecipeContext, RecipeSpec, tflite_int8_us_per_clip
 from qat.tracking import Tracker
 from qat.memo import Recent, derived, weights_fingerprint
@@ -167,6 +167,9 @@ def log_artifacts(spec: RunSpec, summary: Dict[str, Any], exports: Dict[str, Pat
         tracker.artifact(names[kind], "model", [str(path)], quant)
 
 
+CORRECT = "_test_correct"    # evaluate_model's per-clip correctness on test (not a summary key)
+
+
 def evaluate_model(model, feats: Features, prefix: str, run_dir: Path) -> Dict[str, Any]:
     """Validation and test figures of one model, with a confusion-matrix PNG; keys `<prefix>/...`."""
     test = evaluate(model, feats.x["test"], feats.y["test"], feats.class_names)
@@ -178,6 +181,7 @@ def evaluate_model(model, feats: Features, prefix: str, run_dir: Path) -> Dict[s
            f"{prefix}/test_n": test["n"], f"{prefix}/confusion_png": png}
     out.update({f"{prefix}/class_acc/{name}": acc for name, acc in test["per_class_acc"].items()})
     out[f"{prefix}/confusion"] = test["confusion"]
+    out[CORRECT] = test["correct"]
     return out
 
 
@@ -244,7 +248,9 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
         "time/features_s": t_features,
     }
     summary.update(spec.recipe.option_values())
-    summary.update(evaluate_float_model(model, feats, run_dir))
+    float_eval = dict(evaluate_float_model(model, feats, run_dir))
+    float_correct = float_eval.pop(CORRECT)
+    summary.update(float_eval)
     t1 = time.perf_counter()
     ctx = RecipeContext(model, feats, spec.data, spec.features, spec.trainer, spec.predict, bits, spec.seed,
                         run_dir, tracker, spec.verbose)
@@ -254,9 +260,14 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
     if result.model is model:
         quant = {k.replace("float/", "quant/", 1): v for k, v in summary.items() if k.startswith("float/")
                  and k.split("/", 1)[1].startswith(("test_", "val_", "class_acc/", "confusion"))}
+        quant_correct = float_correct
     else:
         quant = evaluate_model(result.model, feats, "quant", run_dir)
+        quant_correct = quant.pop(CORRECT)
     summary.update(quant)
+    # beside any prediction: the drop measured on the validation split, and the test set's own noise
+    summary["quant/val_degradation"] = 100.0 * (summary["float/val_acc"] - summary["quant/val_acc"])
+    summary.update({f"quant/test_{k}": v for k, v in flip_noise(float_correct, quant_correct).items()})
     summary.setdefault("quant/size_bytes", summary["float/size_bytes"])
     # the physical limit: every parameter at `bits` bits, nothing else
     summary["quant/size_limit_bytes"] = -(-summary["float/params"] * bits.bits // 8)

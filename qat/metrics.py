@@ -58,8 +58,21 @@ def predict_classes(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
 
 
 def evaluate(model, x: np.ndarray, y: np.ndarray, class_names: Sequence[str]) -> Dict:
-    """`classification_report` of the model's predictions."""
-    return classification_report(y, predict_classes(model, x), class_names)
+    """`classification_report` of the model's predictions, with "correct": whether each clip was
+    classified right (a boolean array)."""
+    classes = predict_classes(model, x)
+    return {**classification_report(y, classes, class_names), "correct": classes == np.asarray(y)}
+
+
+def flip_noise(correct_a: np.ndarray, correct_b: np.ndarray) -> Dict[str, float]:
+    """How much of the difference in accuracy between two models on the same clips is noise of the
+    clip set: the clips only model a gets right (n10) and only b gets right (n01), and the standard
+    deviation of the accuracy difference they imply, sqrt(n01 + n10 - (n01 - n10)^2 / n) / n, in
+    points (a paired count: what a perfect predictor of the drop would still miss by)."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    n, n10, n01 = len(a), int(np.sum(a & ~b)), int(np.sum(~a & b))
+    sd = 100.0 * float(np.sqrt(max(n01 + n10 - (n01 - n10) ** 2 / n, 0.0))) / n if n else float("nan")
+    return {"flips_lost": n10, "flips_gained": n01, "noise_sd": sd}
 
 
 MAX_FIGURE_INCHES = 14     # the confusion figure's side, whatever the number of classes

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from qat.errors import ConfigError
-from qat.metrics import classification_report, confusion_matrix
+from qat.metrics import classification_report, confusion_matrix, flip_noise
 from qat.training.models import build_model
 from tests import specs
 
@@ -44,3 +44,14 @@ def test_classification_report_by_hand():
     f1 = [2 * 1 * 0.75 / 1.75, 2 * 0.5 * 0.5 / 1.0, 2 * (2 / 3) * 1 / (5 / 3)]
     assert r["macro_f1"] == pytest.approx(np.mean(f1))
     assert r["per_class_acc"] == pytest.approx({"a": 0.75, "b": 0.5, "c": 1.0})
+
+
+def test_flip_noise_by_hand():
+    """Clips only the float model gets right (n10 = 3), only the quantized one (n01 = 1), of n = 10:
+    sd = sqrt(1 + 3 - (1 - 3)^2 / 10) / 10 in points."""
+    a = np.array([1, 1, 1, 1, 0, 0, 1, 1, 1, 0], bool)
+    b = np.array([0, 0, 0, 1, 1, 0, 1, 1, 1, 0], bool)
+    out = flip_noise(a, b)
+    assert (out["flips_lost"], out["flips_gained"]) == (3, 1)
+    assert out["noise_sd"] == pytest.approx(100 * np.sqrt(4 - 0.4) / 10)
+    assert flip_noise(a, a)["noise_sd"] == 0.0

@@ -122,7 +122,8 @@ def test_predicted_drop_of_another_model_is_never_under_predicted(tmp_path):
                   state_bits=None, seed=0, **{"quant/test_acc": 0.9, "float/test_acc": 0.95, "quant/degradation": 5.0,
                                               "quant/size_bytes": 100, "predict/degradation": float(bits),
                                               "predict/matches_run": matches, "predict/in_validated_range": in_range,
-                                              "predict/validated_bits": [3, 16], "predict/of": f"what {preset} predicts"})
+                                              "predict/validated_bits": [3, 16], "predict/of": f"what {preset} predicts",
+                                              "quant/val_degradation": 4.5, "quant/test_noise_sd": 0.6})
     got = {r["recipe"]: r for r in table(collect([str(tmp_path)]).runs)}
     assert got["ptq_seed"]["predict/degradation/mean"] == 4.0 and math.isnan(got["ptq_seed"]["predict/other_model/mean"])
     assert math.isnan(got["ptq"]["predict/degradation/mean"]) and got["ptq"]["predict/other_model/mean"] == 4.0
@@ -131,6 +132,7 @@ def test_predicted_drop_of_another_model_is_never_under_predicted(tmp_path):
     assert qat_line.count("n/a") >= 1 and "2.00 ± 0.00 †" in qat_line
     assert "outside the predictor's validated range (3..16 weight bits)" in md
     assert "- qat: what qat predicts" in md and "- ptq: what ptq predicts" in md and "ptq_seed: what" not in md
+    assert "val-measured drop (pts) | test noise sd (pts)" in md and "4.50 ± 0.00" in md   # the baselines beside it
 
 
 def test_report_of_a_sweep_built_offline(tmp_path):
