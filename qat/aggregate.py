@@ -120,6 +120,10 @@ def table(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             [m.get(PREDICTED) for m in members if not own(m)])
         row["predict/of"] = sorted({m["predict/of"] for m in members if m.get(PREDICTED) is not None
                                     and m.get("predict/of")})
+        checked = [m for m in members if own(m) and m.get(PREDICTED) is not None
+                   and m.get("quant/degradation") is not None]
+        row["predict/checked"] = [(m[PREDICTED], m["quant/degradation"], m.get("quant/val_degradation"),
+                                   m.get("quant/test_noise_sd")) for m in checked]
         outside = [m for m in members if m.get(PREDICTED) is not None and m.get("predict/in_validated_range") is False]
         row["predict/outside_range"] = bool(outside)
         row["predict/validated_bits"] = outside[0].get("predict/validated_bits") if outside else None
@@ -158,6 +162,7 @@ def markdown(rows: List[Dict[str, Any]], incomplete: List[str]) -> str:
                      f"| {r['state_bits'] or '-'} | {r['n']} | {pm(r, 'float/test_acc')} | {pm(r, 'quant/test_acc')} "
                      f"| {pm(r, 'quant/degradation', 1.0)} | "
                      + "".join(f"{pm(r, fig, scale)} | " for fig, _, scale in optional) + f"{size / 1024:.1f} |")
+    lines += predictor_check(rows)
     flagged = [r for r in rows if r["predict/outside_range"]]
     if flagged:
         low, high = flagged[0]["predict/validated_bits"] or ("?", "?")
@@ -171,6 +176,27 @@ def markdown(rows: List[Dict[str, Any]], incomplete: List[str]) -> str:
     if incomplete:
         lines += ["", f"Incomplete runs ({len(incomplete)}), not in the table:"] + [f"- {d}" for d in incomplete]
     return "\n".join(lines) + "\n"
+
+
+def predictor_check(rows: List[Dict[str, Any]]) -> List[str]:
+    """Markdown lines: over the runs whose model is the predicted one (predict/matches_run), inside
+    and outside the validated range apart, the MAE of the prediction against the measured drop
+    beside its baselines (predicting 0; the drop measured on validation) and the mean test noise sd."""
+    out = []
+    for inside in (True, False):
+        runs = [c for r in rows if r["predict/outside_range"] != inside for c in r["predict/checked"]]
+        if not runs:
+            continue
+        mae = lambda i: statistics.mean(abs(c[i] - c[1]) if i is not None else abs(c[1]) for c in runs)
+        val = [c for c in runs if c[2] is not None]
+        noise = [c[3] for c in runs if c[3] is not None]
+        parts = [f"MAE predicted {mae(0):.2f}", f"predict-0 {mae(None):.2f}",
+                 "val-measured " + (f"{statistics.mean(abs(c[2] - c[1]) for c in val):.2f}" if val else "n/a")]
+        if noise:
+            parts.append(f"mean test noise sd {statistics.mean(noise):.2f}")
+        out.append(f"Predictor check, {len(runs)} runs {'inside' if inside else 'outside (†)'} the validated range: "
+                   + ", ".join(parts) + " (points).")
+    return [""] + out if out else []
 
 
 def figure(rows: List[Dict[str, Any]], path_stem: Path, metric: str = "quant/test_acc") -> List[Path]:

@@ -133,6 +133,9 @@ def test_predicted_drop_of_another_model_is_never_under_predicted(tmp_path):
     assert "outside the predictor's validated range (3..16 weight bits)" in md
     assert "- qat: what qat predicts" in md and "- ptq: what ptq predicts" in md and "ptq_seed: what" not in md
     assert "val-measured drop (pts) | test noise sd (pts)" in md and "4.50 ± 0.00" in md   # the baselines beside it
+    # over the one run whose model is the predicted one (ptq_seed: predicted 4, measured 5, val 4.5)
+    assert ("Predictor check, 1 runs inside the validated range: MAE predicted 1.00, predict-0 5.00, "
+            "val-measured 0.50, mean test noise sd 0.60 (points).") in md
 
 
 def test_report_of_a_sweep_built_offline(tmp_path):
