@@ -11,6 +11,7 @@ import tensorflow as tf
 from qat.data.augment import (MIN_NOISE_RMS, augment, frame_shift_dataset, load_noise, mix_noise, noise_files,
                               shift_frames, shift_in_frames, time_shift, training_data, training_dataset,
                               training_waveforms)
+from qat.data.batches import RowFile
 from qat.data.datasets import SILENCE, list_files, load_waveforms, speaker_of, split_of
 from qat.data.features import Features, compute_features, load_features
 from qat.errors import ConfigError
@@ -294,12 +295,14 @@ def test_batches_come_in_the_order_shuffling_the_rows_gives(clips):
         np.testing.assert_array_equal(bx, ox)
 
 
-def test_training_waveforms_are_memory_mapped_from_the_cache(clips, tmp_path):
+def test_training_waveforms_are_read_from_the_cache_row_by_row(clips, tmp_path):
     data, waves, _ = clips
     files = [str(p) for p in list_files(data).files["train"][:5]]
     expected, _ = load_waveforms(files, data)
     mapped = training_waveforms(files, data, str(tmp_path), "k")
-    assert isinstance(mapped, np.memmap) and mapped.dtype == np.float32
+    assert isinstance(mapped, RowFile) and mapped.dtype == np.float32 and mapped.shape == expected.shape
+    np.testing.assert_array_equal(mapped[[4, 0, 2]], expected[[4, 0, 2]])
+    np.testing.assert_array_equal(np.load(tmp_path / "waveforms" / f"{data.name}-k.npy"), expected)   # a real .npy
     np.testing.assert_array_equal(mapped, expected)
     path = tmp_path / "waveforms" / f"{data.name}-k.npy"
     stamp = path.stat().st_mtime_ns

@@ -26,7 +26,7 @@ import numpy as np
 import soundfile
 import tensorflow as tf
 
-from qat.data.batches import gathered
+from qat.data.batches import RowFile, gathered
 from qat.data.datasets import SILENCE, DataSpec, load_waveforms, read_wav, speaker_of, split_of
 from qat.data.features import WAVE_CHUNK, features_tf
 from qat.errors import ConfigError, DataError
@@ -152,8 +152,9 @@ def _epochs_of(arrays: tuple, batch_size: int, seed: int, step):
     return ds.enumerate().map(step, num_parallel_calls=2, deterministic=True).prefetch(2)
 
 
-def _float32(x: np.ndarray) -> np.ndarray:
-    return x if x.dtype == np.float32 else x.astype(np.float32)
+def _float32(x):
+    """x as float32 rows, itself where it already is (an array in place, or a RowFile)."""
+    return x if x.dtype == np.float32 else np.asarray(x, np.float32)
 
 
 def frame_shift_dataset(x: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, max_frames: int):
@@ -212,40 +213,43 @@ def noise_bank(data: DataSpec, trainer) -> Optional[np.ndarray]:
     return noise
 
 
-def training_waveforms(files: Sequence[str], data: DataSpec, cache_dir: Optional[str], key: str) -> np.ndarray:
+def training_waveforms(files: Sequence[str], data: DataSpec, cache_dir: Optional[str], key: str):
     """[N, samples] float32 waveforms of the training clips `files`, read WAVE_CHUNK clips at a time
-    into a memory-mapped file `<cache_dir>/waveforms/<data>-<key>.npy` (written once, atomically;
-    one of another shape is written again), which the noise-mixing pipeline then reads batch by
-    batch: memory holds a chunk, not the set. Without a cache_dir, in memory. A clip that cannot be
-    read now but was read when the features (key) were cached is a DataError."""
+    into `<cache_dir>/waveforms/<data>-<key>.npy` (written once, atomically; one of another shape is
+    written again) and handed over as a qat.data.batches.RowFile, which the noise-mixing pipeline
+    reads batch by batch: memory holds a chunk, not the set. Without a cache_dir, an array in memory.
+    A clip that cannot be read now but was read when the features (key) were cached is a DataError."""
     shape = (len(files), data.num_samples)
 
-    def read_into(out: np.ndarray) -> None:
-        for start in range(0, len(files), WAVE_CHUNK):
-            waves, kept = load_waveforms(list(files[start:start + WAVE_CHUNK]), data)
-            if not kept.all():
-                raise DataError(f"{int((~kept).sum())} training clip(s) of {data.name!r} are unreadable now but were "
-                                "read when the features were cached: clear the feature cache (cache_dir) and rerun")
-            out[start:start + len(waves)] = waves
+    def read_into_chunk(out: np.ndarray, start: int) -> None:
+        waves, kept = load_waveforms(list(files[start:start + len(out)]), data)
+        if not kept.all():
+            raise DataError(f"{int((~kept).sum())} training clip(s) of {data.name!r} are unreadable now but were "
+                            "read when the features were cached: clear the feature cache (cache_dir) and rerun")
+        out[:] = waves
 
     if not cache_dir:
         out = np.zeros(shape, np.float32)
-        read_into(out)
+        for start in range(0, len(files), WAVE_CHUNK):
+            read_into_chunk(out[start:start + WAVE_CHUNK], start)
         return out
     path = Path(os.path.expanduser(cache_dir)) / "waveforms" / f"{data.name}-{key}.npy"
     try:
-        cached = np.load(path, mmap_mode="r")
+        cached = RowFile(path)
         if cached.shape == shape and cached.dtype == np.float32:
             return cached
     except (OSError, ValueError):
         pass
     with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-        read_into(out)
-        out.flush()
-        del out
+        with open(tmp, "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                      "fortran_order": False, "shape": shape})
+            for start in range(0, len(files), WAVE_CHUNK):
+                chunk = np.zeros((min(WAVE_CHUNK, len(files) - start), data.num_samples), np.float32)
+                read_into_chunk(chunk, start)
+                fh.write(chunk.tobytes())
     log.info("training waveforms cached in %s", path)
-    return np.load(path, mmap_mode="r")
+    return RowFile(path)
 
 
 def training_data(data: Optional[DataSpec], feature_spec, trainer, feats, seed: int,

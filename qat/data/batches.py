@@ -9,16 +9,56 @@ gathered from the arrays in place, so no pipeline holds a second copy of a large
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 
+class RowFile:
+    """The rows of a 2-d or higher .npy file, read batch by batch with positioned reads (`os.pread`):
+    a batch costs its own rows and nothing stays mapped into the process, so a set larger than memory
+    costs only the page cache (a memory map would count every row it touched as the process's own)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        with open(self.path, "rb") as fh:
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(fh)]
+            shape, fortran, dtype = read_header(fh)
+            self.offset = fh.tell()
+        if fortran or len(shape) < 2:
+            raise ValueError(f"{self.path} is not a C-ordered array of rows")
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(shape[1:])) * self.dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.atleast_1d(np.asarray(rows, np.int64))
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        for k, r in enumerate(rows):
+            data = os.pread(self._fd, self.row_bytes, self.offset + int(r) * self.row_bytes)
+            out[k] = np.frombuffer(data, self.dtype).reshape(self.shape[1:])
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[np.arange(len(self))]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
 def gathered(indices: tf.data.Dataset, arrays: tuple) -> tf.data.Dataset:
-    """Batches of `arrays` (numpy, read in place: never copied whole into a tensor, so a large or
-    memory-mapped array costs only its batches) at each element of `indices` (a vector of rows)."""
-    arrays = tuple(np.asarray(a) for a in arrays)     # a memory map stays one
+    """Batches of `arrays` (numpy arrays or RowFiles, read in place: never copied whole into a tensor,
+    so a large array costs only its batches) at each element of `indices` (a vector of rows)."""
+    arrays = tuple(a if isinstance(a, RowFile) else np.asarray(a) for a in arrays)     # a memory map stays one
 
     def gather(i):
         return tuple(a[i] for a in arrays)
