@@ -41,7 +41,7 @@ from qat.algorithms.predict import (calibration_set, config_variance, measured_d
 from qat.config import run_spec  # noqa: E402
 from qat.data.features import load_features  # noqa: E402
 from qat.layers.model import freeze_ranges, quantize_model  # noqa: E402
-from qat.metrics import predict_classes  # noqa: E402
+from qat.metrics import flip_noise, predict_classes  # noqa: E402
 from qat.training.checkpoints import load_model_dir  # noqa: E402
 
 
@@ -70,10 +70,7 @@ def collect(roots):
 
 
 def paired_noise_sd(model, qmodel, x, y) -> float:
-    a = predict_classes(model, x) == y
-    b = predict_classes(qmodel, x) == y
-    n01, n10, n = int(np.sum(a & ~b)), int(np.sum(~a & b)), len(y)
-    return 100.0 * np.sqrt(max(n01 + n10 - (n01 - n10) ** 2 / n, 0.0)) / n
+    return flip_noise(predict_classes(model, x) == y, predict_classes(qmodel, x) == y)["noise_sd"]
 
 
 def main() -> int:

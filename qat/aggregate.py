@@ -122,8 +122,8 @@ def table(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                                     and m.get("predict/of")})
         checked = [m for m in members if own(m) and m.get(PREDICTED) is not None
                    and m.get("quant/degradation") is not None]
-        row["predict/checked"] = [(m[PREDICTED], m["quant/degradation"], m.get("quant/val_degradation"),
-                                   m.get("quant/test_noise_sd")) for m in checked]
+        row["predict/checked"] = [(m[PREDICTED], m["quant/degradation"], m.get("quant/val_degradation"),   # (predicted,
+                                   m.get("quant/test_noise_sd")) for m in checked]                        # measured, val, noise)
         outside = [m for m in members if m.get(PREDICTED) is not None and m.get("predict/in_validated_range") is False]
         row["predict/outside_range"] = bool(outside)
         row["predict/validated_bits"] = outside[0].get("predict/validated_bits") if outside else None
@@ -187,11 +187,11 @@ def predictor_check(rows: List[Dict[str, Any]]) -> List[str]:
         runs = [c for r in rows if r["predict/outside_range"] != inside for c in r["predict/checked"]]
         if not runs:
             continue
-        mae = lambda i: statistics.mean(abs(c[i] - c[1]) if i is not None else abs(c[1]) for c in runs)
-        val = [c for c in runs if c[2] is not None]
-        noise = [c[3] for c in runs if c[3] is not None]
-        parts = [f"MAE predicted {mae(0):.2f}", f"predict-0 {mae(None):.2f}",
-                 "val-measured " + (f"{statistics.mean(abs(c[2] - c[1]) for c in val):.2f}" if val else "n/a")]
+        val = [abs(v - m) for _, m, v, _ in runs if v is not None]
+        noise = [sd for *_, sd in runs if sd is not None]
+        parts = [f"MAE predicted {statistics.mean(abs(p - m) for p, m, _, _ in runs):.2f}",
+                 f"predict-0 {statistics.mean(abs(m) for _, m, _, _ in runs):.2f}",
+                 "val-measured " + (f"{statistics.mean(val):.2f}" if val else "n/a")]
         if noise:
             parts.append(f"mean test noise sd {statistics.mean(noise):.2f}")
         out.append(f"Predictor check, {len(runs)} runs {'inside' if inside else 'outside (†)'} the validated range: "

@@ -144,8 +144,8 @@ def shift_frames(x, max_frames: int, seed):
 def _epochs_of(arrays: tuple, batch_size: int, seed: int, step):
     """Shuffle each epoch, batch (never straddling epochs), repeat, and map `step(i, batch)`. The
     shuffle runs over row indices (the same order as shuffling the rows themselves with this seed)
-    and each batch is gathered from the arrays in place (qat.data.batches.gathered): a memory-mapped
-    array is read batch by batch, and no pipeline holds a copy of the set."""
+    and each batch is gathered from the arrays in place (qat.data.batches.gathered): a RowFile is
+    read batch by batch, and no pipeline holds a copy of the set."""
     n = len(arrays[0])
     indices = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).batch(batch_size).repeat()
     ds = gathered(indices, arrays)
@@ -260,7 +260,7 @@ def training_data(data: Optional[DataSpec], feature_spec, trainer, feats, seed: 
 
     Without noise (mixing off, no noise in the data set, or `data=None` as in QAT fine-tuning, which
     has only features) the cached frames are shifted by whole hops; with noise the waveforms are
-    read, shifted, mixed and turned into features on the fly (from a memory-mapped copy of the
+    read, shifted, mixed and turned into features on the fly (read batch by batch from a copy of the
     training waveforms under `cache_dir`: `training_waveforms`). Returns (dataset, steps_per_epoch,
     info) with info = {"aug_pipeline": "frames" | "waveforms", "aug_noise_pieces": K, "aug_setup_s": s}.
     """

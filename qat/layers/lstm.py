@@ -190,3 +190,10 @@ def _intermediates(x, kernel, rec_kernel, bias, cell: _Cell):
 
     zeros = tf.zeros((tf.shape(x)[1], cell.units), x.dtype)
     return time_loop(x, (zeros, zeros), step, 6)
+
+
+def float_states(x, kernel, rec_kernel, bias, units: int):
+    """(c, h) at every step, each [T, B, U], of the float tanh / sigmoid LSTM over time-major x."""
+    c, h, *_ = _intermediates(x, kernel, rec_kernel, bias,
+                              _Cell(units, keras.activations.tanh, keras.activations.sigmoid, (), False))
+    return c, h

@@ -39,9 +39,10 @@ import tf_keras as keras
 from qat.errors import ConfigError
 from qat.layers.base import QuantizedLayer
 from qat.layers.loop import time_loop
+from qat.layers.lstm import float_states
 from qat.layers.recurrent import LoopCache
 from qat.quant import integer as iq
-from qat.quant.quantizers import RANGE, GateBlockWeightQuantizer
+from qat.quant.quantizers import RANGE, CalibratedActivationQuantizer, GateBlockWeightQuantizer, Strategy
 from qat.quant.spec import QuantSpec
 
 MAX_BITS = 8                      # weights are held in int8
@@ -50,6 +51,8 @@ UNIT_STEP = 2.0 ** -15            # gate outputs and tanh(c): int16 Q0.15
 CELL_EXPONENTS = (-15, -9)        # 2^E of the int16 cell state: tanh(c) has 15 + E in [0, 6] integer bits
 SOFTMAX_STEP = 1.0 / 256          # TFLite's int8 softmax output: scale 1/256, zero point -128
 INT16 = iq.INT16
+# the LSTM's quantizers: one symmetric range per gate matrix, calibrated activation ranges
+PER_GATE = Strategy("per_gate", GateBlockWeightQuantizer, CalibratedActivationQuantizer)
 TFLITE_TOPOLOGY = ("Input -> [Normalization] -> LSTM (tanh / sigmoid) -> [Flatten] -> Dense (softmax or linear), "
                    "Dropout anywhere")
 
@@ -131,29 +134,21 @@ class TfliteLSTM(QuantizedLayer, keras.layers.Layer):
         self.units, self.return_sequences = int(units), bool(return_sequences)
         self.scheme = TfliteScheme(bits, estimator, act_estimator, percentile)
         self.use_bias = True
-        self.specs = {"kernel": self.scheme.weight_spec(False), "recurrent_kernel": self.scheme.weight_spec(False),
-                      "input": self.scheme.activation_spec(), "state_h": self.scheme.activation_spec(),
-                      "state_c": self.scheme.activation_spec(16, "symmetric")}
-        self.strategy, self.integer = RANGE, None
+        self._set_quantization({"kernel": self.scheme.weight_spec(False),
+                                "recurrent_kernel": self.scheme.weight_spec(False),
+                                "input": self.scheme.activation_spec(), "state_h": self.scheme.activation_spec(),
+                                "state_c": self.scheme.activation_spec(16, "symmetric")}, PER_GATE)
         # Traced loops, one per static configuration (qat.layers.recurrent.LoopCache), past Keras' tracking.
         object.__setattr__(self, "_loops", LoopCache(_recurrence))
-        object.__setattr__(self, "_float_loops", LoopCache(_float_loop))
+        object.__setattr__(self, "_float_loops", LoopCache(float_states))
 
     def build(self, input_shape):
         features, u = int(input_shape[-1]), self.units
         self.kernel = self.add_weight("kernel", shape=(features, 4 * u), initializer="glorot_uniform")
         self.recurrent_kernel = self.add_weight("recurrent_kernel", shape=(u, 4 * u), initializer="orthogonal")
         self.bias = self.add_weight("bias", shape=(4 * u,), initializer="zeros")
-        self.weight_quantizers = {}
-        for name in self.weight_names:
-            q = GateBlockWeightQuantizer(self.specs[name])
-            q.build(self, name, getattr(self, name).shape)
-            self.weight_quantizers[name] = q
-        self.activation_quantizers = {}
-        for name, channels in (("input", features), ("state_h", u), ("state_c", u)):
-            q = RANGE.activation(self.specs[name])
-            q.build(self, name, channels)
-            self.activation_quantizers[name] = q
+        self._build_quantizers([(("input",), "input", features), (("state_h",), "state_h", u),
+                                (("state_c",), "state_c", u)])
         super().build(input_shape)
 
     def _weights(self):
@@ -181,7 +176,7 @@ class TfliteLSTM(QuantizedLayer, keras.layers.Layer):
         """The input, h and c the quantizers see, from the float recurrence on the quantized weights."""
         inputs = tf.convert_to_tensor(inputs, tf.float32)
         kernel, rec_kernel = self.quantized_weight("kernel"), self.quantized_weight("recurrent_kernel")
-        hs, cs = self._float_loops(self.units)(tf.transpose(inputs, [1, 0, 2]), kernel, rec_kernel, self.bias)
+        cs, hs = self._float_loops(self.units)(tf.transpose(inputs, [1, 0, 2]), kernel, rec_kernel, self.bias)
         return {"input": inputs, "state_h": hs, "state_c": cs}
 
     def cell_exponent(self) -> int:
@@ -218,42 +213,12 @@ def _recurrence(zx, rec_kernel, on, s_h, z_h, c_step, kind: _LoopKind):
         zi, zf, zc, zo = tf.split(z, 4, axis=1)
         i, f, o = (on_grid(tf.sigmoid(v), UNIT_STEP, 0, INT16[1]) for v in (zi, zf, zo))
         g = on_grid(tf.tanh(zc), UNIT_STEP, *INT16)
-        c_new = tf.clip_by_value(_on_cell_grid(f * c, c_step) + _on_cell_grid(i * g, c_step), *c_lim)
+        c_new = tf.clip_by_value(on_grid(f * c, c_step, *INT16) + on_grid(i * g, c_step, *INT16), *c_lim)
         h_new = quant_h(o * on_grid(tf.tanh(c_new), UNIT_STEP, *INT16))
         return (h_new, c_new), (h_new,)
 
     zeros = tf.zeros((tf.shape(zx)[1], kind.units), zx.dtype)
     return time_loop(zx, (zeros, zeros), step, 1)
-
-
-def _on_cell_grid(x, step):
-    """x rounded to the cell state's grid `step` (a tensor), saturated to int16."""
-    @tf.custom_gradient
-    def _grid(x):
-        v = x / step
-        y = step * tf.clip_by_value(round_half_away(v), float(INT16[0]), float(INT16[1]))
-
-        def grad(dy):
-            return tf.where((v >= INT16[0]) & (v <= INT16[1]), dy, tf.zeros_like(dy))
-
-        return y, grad
-
-    return _grid(x)
-
-
-def _float_loop(x, kernel, rec_kernel, bias, units: int):
-    """The float LSTM over time-major x: (h, c) at every step."""
-    zx = tf.tensordot(x, kernel, axes=1) + bias
-
-    def step(zx_t, states):
-        h, c = states
-        zi, zf, zc, zo = tf.split(zx_t + tf.matmul(h, rec_kernel), 4, axis=1)
-        c_new = tf.sigmoid(zf) * c + tf.sigmoid(zi) * tf.tanh(zc)
-        h_new = tf.sigmoid(zo) * tf.tanh(c_new)
-        return (h_new, c_new), (h_new, c_new)
-
-    zeros = tf.zeros((tf.shape(x)[1], units), x.dtype)
-    return time_loop(zx, (zeros, zeros), step, 2)
 
 
 @keras.saving.register_keras_serializable(package="qat")
@@ -273,19 +238,13 @@ class TfliteDense(QuantizedLayer, keras.layers.Layer):
         self.activation = keras.activations.get(activation)
         self.scheme = TfliteScheme(bits, estimator, act_estimator, percentile)
         self.use_bias = True
-        self.specs = {"kernel": self.scheme.weight_spec(True), "output": self.scheme.activation_spec()}
-        self.strategy, self.integer = RANGE, None
+        self._set_quantization({"kernel": self.scheme.weight_spec(True), "output": self.scheme.activation_spec()}, RANGE)
         object.__setattr__(self, "reads", None)
 
     def build(self, input_shape):
         self.kernel = self.add_weight("kernel", shape=(int(input_shape[-1]), self.units), initializer="glorot_uniform")
         self.bias = self.add_weight("bias", shape=(self.units,), initializer="zeros")
-        q = RANGE.weight(self.specs["kernel"])
-        q.build(self, "kernel", self.kernel.shape)
-        self.weight_quantizers = {"kernel": q}
-        out = RANGE.activation(self.specs["output"])
-        out.build(self, "output", self.units)
-        self.activation_quantizers = {"output": out}
+        self._build_quantizers([(("output",), "output", self.units)])
         super().build(input_shape)
 
     def input_scale(self):

@@ -31,6 +31,7 @@ from qat.metrics import predict_classes
 from qat.quant.quantizers import LSQ, RANGE, Strategy
 from qat.recipes.base import (BitWidths, QuantOptions, Recipe, RecipeContext, RecipeResult, quantized_result,
                               register)
+from qat.training.distill import distillation
 from qat.training.fit import fit, set_seed
 
 
@@ -62,9 +63,7 @@ class QatOptions(QuantOptions):
 
     def fit_kwargs(self, teacher) -> Dict[str, Any]:
         """The distillation arguments of qat.training.fit.fit (none when distill is 0)."""
-        if self.distill == 0:
-            return {}
-        return {"teacher": teacher, "distill": float(self.distill), "temperature": float(self.temperature)}
+        return distillation(teacher, self.distill, self.temperature)
 
 
 class FreezeRangesAfter(keras.callbacks.Callback):

@@ -22,6 +22,7 @@ import numpy as np
 from qat.algorithms.calibration import calibrate_in_order, calibration_clips
 from qat.algorithms.report import REPORT_COLUMNS, report_rows, report_summary, weight_report
 from qat.checks import Checked, Flag, Integer, Number, setting
+from qat.data.augment import training_data
 from qat.errors import ConfigError
 from qat.export.tflite import TFLiteModel
 from qat.export.tflite_trained import TFLiteStream, streaming_tflite, trained_tflite
@@ -32,9 +33,8 @@ from qat.layers.tflite_int8 import MAX_BITS, TFLITE_TOPOLOGY, TfliteScheme, chec
 from qat.metrics import predict_classes
 from qat.quant.spec import ESTIMATOR, PERCENTILE
 from qat.recipes.base import BitWidths, Recipe, RecipeContext, RecipeResult, register
-from qat.data.augment import training_data
+from qat.training.distill import distillation
 from qat.training.fit import fit, set_seed
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,12 +149,10 @@ class QatTflite(PtqTflite):
         twin, calib = self.twin(ctx, opts)
         feats = ctx.feats
         train_data, steps, _ = training_data(None, None, ctx.trainer, feats, ctx.seed)
-        distill = {"teacher": ctx.float_model, "distill": float(opts.distill),
-                   "temperature": float(opts.temperature)} if opts.distill else {}
         result = fit(twin, feats.x["train"], feats.y["train"], feats.x["val"], feats.y["val"], ctx.trainer,
                      epochs=opts.epochs, learning_rate=opts.learning_rate, what="QAT fine-tuning for TFLite",
                      learning_rate_key="quant.learning_rate", verbose=ctx.verbose, train_data=train_data,
-                     steps_per_epoch=steps, **distill,
+                     steps_per_epoch=steps, **distillation(ctx.float_model, opts.distill, opts.temperature),
                      on_epoch=lambda e, logs: ctx.tracker.log({f"qat/train/{k}": v for k, v in logs.items()}
                                                               | {"qat/epoch": e + 1, "qat/bits": ctx.bits.bits}))
         summary = {"quant/calibration_clips": len(calib), "qat/epochs": result["epochs"], "qat/max_epochs": opts.epochs,

@@ -56,3 +56,10 @@ class Distiller(keras.Model):
         self.compiled_metrics.update_state(y, probs, sample_weight)
         self.distill_loss.update_state(soft)
         return {m.name: m.result() for m in self.metrics}
+
+
+def distillation(teacher, alpha: float, temperature: float) -> dict:
+    """The distillation arguments of qat.training.fit.fit: none when `alpha` is 0."""
+    if alpha == 0:
+        return {}
+    return {"teacher": teacher, "distill": float(alpha), "temperature": float(temperature)}
