@@ -9,8 +9,10 @@ results go to this command's own output folder.
 
 `predict_only=true` prints the predicted drop for bits 2..8, per tensor and per channel, from the
 run's float model and labelled validation clips (qat.algorithms.predict; seconds, nothing quantized
-is run); `max_drop=<points>` adds the smallest mixed-precision config under that predicted drop,
-verified by an actual PTQ evaluation on the test split unless verify=false.
+is run); `max_drop=<points>` adds two mixed-precision configs under that predicted drop: bits per
+weight tensor, and bits per weight tensor and per activation part (layer inputs, gates, cell state,
+hidden state; qat.algorithms.proposal, about a minute: each part is measured at each bit-width),
+each verified by an actual PTQ evaluation on the test split unless verify=false.
 """
 import os
 

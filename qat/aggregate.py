@@ -127,6 +127,7 @@ def table(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         outside = [m for m in members if m.get(PREDICTED) is not None and m.get("predict/in_validated_range") is False]
         row["predict/outside_range"] = bool(outside)
         row["predict/validated_bits"] = outside[0].get("predict/validated_bits") if outside else None
+        row["predict/validated_range"] = outside[0].get("predict/validated_range") if outside else None
         rows.append(row)
     return rows
 
@@ -166,7 +167,8 @@ def markdown(rows: List[Dict[str, Any]], incomplete: List[str]) -> str:
     flagged = [r for r in rows if r["predict/outside_range"]]
     if flagged:
         low, high = flagged[0]["predict/validated_bits"] or ("?", "?")
-        lines += ["", f"† a prediction outside the predictor's validated range ({low}..{high} weight bits): "
+        where = flagged[0]["predict/validated_range"] or f"{low}..{high} weight bits"
+        lines += ["", f"† a prediction outside the predictor's validated range ({where}): "
                       "large and uncertain, not a number to trust."]
     others = sorted({(r["recipe"], of) for r in rows if not math.isnan(r[f"{PREDICTED_OTHER}/mean"])
                      for of in r["predict/of"]})

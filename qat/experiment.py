@@ -14,7 +14,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from qat.algorithms.predict import MAX_DROP, PredictSpec, format_report, predict_run
+from qat.algorithms.predict import MAX_DROP, PredictSpec
+from qat.algorithms.proposal import format_report, predict_run
 from qat.checks import Nullable, OneOf
 from qat.data.augment import training_data
 from qat.data.datasets import DataSpec

@@ -6,8 +6,8 @@ are on ...", "Could not find cuda drivers ..." and "This TensorFlow binary is op
 available CPU instructions ..." (each library once), and the first device query on a machine
 without a GPU logs "failed call to cuInit". All of them describe this machine, not the run; so do
 the INFO lines of TensorFlow's Python logger (e.g. "Assets written to" when a model is exported
-for the TFLite converter), which is set to WARNING, and Keras' per-model retracing warnings
-(`KerasRetracingFilter`). The entry points call
+for the TFLite converter), which is set to WARNING, and the retracing warnings of functions traced once per model
+(`PerModelRetracingFilter`). The entry points call
 `start_tensorflow_quietly()` before anything imports TensorFlow: it imports TensorFlow and lists its
 devices with the process's stderr (file descriptor 2) pointed at /dev/null, then restores it. Python exceptions raised meanwhile are not affected (they propagate
 and are printed after stderr is back).
@@ -37,18 +37,20 @@ def stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
-class KerasRetracingFilter(logging.Filter):
+class PerModelRetracingFilter(logging.Filter):
     """Drops TensorFlow's "N out of the last M calls to <function ...> triggered tf.function
-    retracing" warning when the function is one of Keras' per-model predict / test / train functions:
-    they are closures of one Python function, so every new model (PTQ's candidates, QAT's stages)
-    counts as a retrace of "the same function" although each model is traced once. Retracing of any
-    other function is still reported."""
+    retracing" warning when the function is traced once per model or layer: Keras' predict / test /
+    train functions and the quantized recurrent layers' calibration pass (`_intermediates`). Each is
+    one Python function wrapped anew for every model, so every new model (PTQ's candidates, QAT's
+    stages, the predictor's part measurements) counts as a retrace of "the same function" although
+    each is traced once. Retracing of any other function is still reported."""
 
-    KERAS = ("Model.make_predict_function", "Model.make_test_function", "Model.make_train_function")
+    PER_MODEL = ("Model.make_predict_function", "Model.make_test_function", "Model.make_train_function",
+                 "._intermediates at ")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not ("triggered tf.function retracing" in message and any(k in message for k in self.KERAS))
+        return not ("triggered tf.function retracing" in message and any(k in message for k in self.PER_MODEL))
 
 
 def start_tensorflow_quietly() -> None:
@@ -59,4 +61,4 @@ def start_tensorflow_quietly() -> None:
 
         tf.config.list_physical_devices()
     tf.get_logger().setLevel(logging.WARNING)
-    tf.get_logger().addFilter(KerasRetracingFilter())
+    tf.get_logger().addFilter(PerModelRetracingFilter())

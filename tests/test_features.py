@@ -123,4 +123,6 @@ def test_features_read_in_chunks_equal_the_whole_split_read_at_once(speech_comma
     monkeypatch.setattr(qat.data.features, "WAVE_CHUNK", 3)
     chunked, kept = split_features(paths, data, feats)
     assert kept.tolist() == whole_kept.tolist() and kept.sum() == 9 and not kept[4]
-    np.testing.assert_array_equal(chunked, whole)
+    # equal up to float32 rounding: TensorFlow's batched FFT / matmul may round differently for a
+    # batch of 3 than for a batch of 9
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-5)

@@ -11,18 +11,23 @@ import numpy as np
 import pytest
 
 import itertools
+from dataclasses import replace
 
 import tensorflow as tf
 import tf_keras as keras
 from omegaconf import OmegaConf
 
-from qat.algorithms.predict import (calibration_set, config_variance, drop_table, packed_size, predict_drop,
-                         predict_run, predict_summary, probability_correct, propose_mixed, sensitivity,
-                         weight_config)
+from qat.algorithms.calibration import batches, calibrate
+from qat.algorithms.predict import (PREDICT_MARGINS_FILE, MarginFit, calibration_set, config_variance, drop_table,
+                                    expected_drop, fit_margins, fitted_drop, margin_temperature, output_margins,
+                                    packed_size, predict_drop, predict_run_model, predict_summary,
+                                    probability_correct, propose_mixed, sensitivity, strongest_rivals,
+                                    weight_config)
+from qat.algorithms.proposal import PARTS, format_report, measure_part_noise, predict_run, propose_with_parts
 from qat.data.features import load_features
 from qat.errors import ConfigError, DataError
 from qat.experiment import train_float
-from qat.layers.model import QuantConfig, weight_tensor_names
+from qat.layers.model import QuantConfig, freeze_ranges, quantize_model, weight_tensor_names
 from qat.quant.spec import QuantSpec
 from qat.tracking import Tracker
 from qat.training.checkpoints import save_model_dir
@@ -251,13 +256,41 @@ def test_mixed_proposal_is_the_smallest_within_budget(trained):
         propose_mixed(sens, 0.0, bits=(2,))
 
 
-def test_run_report_verifies_the_proposal_on_test(trained):
+def test_run_report_verifies_the_proposals_on_test(trained):
     model, feats, _, _, _ = trained
     r = predict_run(model, feats, specs.predict(n_calib=64, bits=(3, 4, 8)), max_drop=5.0)
     assert [row["bits"] for row in r["table"]] == [3, 3, 4, 4, 8, 8]
     v = r["verified"]
     assert v["drop"] == pytest.approx(100 * (v["float_acc"] - v["quant_acc"]))
     assert r["proposal"].predicted_drop <= 5.0
+    joint, vp = r["part_proposal"], r["verified_parts"]
+    assert joint.predicted_drop <= 5.0 and set(joint.parts) == set(PARTS) and set(joint.parts.values()) <= {3, 4, 8}
+    assert vp["float_acc"] == v["float_acc"] and vp["drop"] == pytest.approx(100 * (vp["float_acc"] - vp["quant_acc"]))
+    text = format_report(r)
+    assert "weights and activation parts under a predicted drop of 5 points" in text and "cell state=" in text
+
+
+def test_part_noise_shrinks_with_bits_and_the_joint_proposal_spends_it(trained):
+    """Each part quantized alone: its measured margin variance falls as bits grow; the joint proposal
+    stays within its budget, costs less under a looser one, and its prediction matches brute force
+    of the variances it searched."""
+    model, feats, _, sens, (x, y) = trained
+    spec = specs.predict()
+    noise = measure_part_noise(model, sens, x, feats.x["train"][:256], spec.act_spec, (2, 4, 8))
+    assert set(noise.variance) == set(PARTS) and noise.values["gates"] == 4 * noise.values["hidden"]
+    for part, v in noise.variance.items():
+        assert v.shape == (3,) + sens.margins.shape
+        assert v[0].mean() > v[1].mean() > v[2].mean(), part
+    tight = propose_with_parts(sens, noise, 1.0, spec.act_spec)
+    loose = propose_with_parts(sens, noise, 10.0, spec.act_spec)
+    assert tight.predicted_drop <= 1.0 and loose.predicted_drop <= 10.0
+    assert loose.weight_bytes + loose.activation_bytes < tight.weight_bytes + tight.activation_bytes
+    opts_var = config_variance(sens, replace(loose.config, inputs=None, gates=None, state=None, hidden=None))
+    parts_var = sum(noise.variance[p][noise.bits.index(b)] for p, b in loose.parts.items())
+    assert loose.predicted_drop == pytest.approx(sens.drop(opts_var + parts_var), abs=1e-9)
+    assert loose.config.hidden.bits == loose.parts["hidden"] and loose.config.state.bits == loose.parts["state"]
+    with pytest.raises(ConfigError, match=r"max_drop=0.0 cannot be met: even 8 bits on every tensor and activation part"):
+        propose_with_parts(sens, noise, 0.0, spec.act_spec)
 
 
 def _quant_config(*overrides):
@@ -331,3 +364,128 @@ def test_evaluate_predict_only(trained, tmp_path):
     assert "| bits | per_tensor drop | per_channel drop" in out
     assert all(f"\n| {b} |" in out for b in range(2, 9))
     assert "mixed precision under a predicted drop of 3 points" in out and "verified by PTQ on the test split" in out
+
+
+# ------------------------------------------------------------------ the run's own model (fitted margins)
+
+def test_margin_fit_recovers_a_known_shrink_and_noise_scale():
+    """Synthetic margins m_q = 0.8 m + N(0, 2.5 s^2): the fit finds both within sampling error."""
+    rng = np.random.default_rng(0)
+    m = rng.gamma(2.0, 2.0, size=(2, 20000))
+    s2 = rng.uniform(0.2, 3.0, size=m.shape)
+    mq = 0.8 * m + rng.normal(size=m.shape) * np.sqrt(2.5 * s2)
+    fit = fit_margins(m, mq, s2)
+    assert fit.shrink == pytest.approx(0.8, abs=0.02) and fit.noise_scale == pytest.approx(2.5, rel=0.03)
+    assert fit.clips == 20000
+
+
+def test_fitted_drop_without_shrink_or_extra_noise_is_the_noise_model(trained):
+    """shrink 1 and noise scale 1 is the round-to-nearest noise model itself; more noise, or a
+    systematic shrink, predicts a larger drop."""
+    model, _, _, sens, _ = trained
+    var = config_variance(sens, weight_config(3))
+    assert fitted_drop(sens.correct, sens.margins, var, MarginFit(1.0, 1.0, 0)) == pytest.approx(
+        sens.drop(var), abs=1e-4)      # up to the variance floor
+    base = fitted_drop(sens.correct, sens.margins, var, MarginFit(1.0, 1.0, 0))
+    assert fitted_drop(sens.correct, sens.margins, var, MarginFit(1.0, 4.0, 0)) > base
+    assert fitted_drop(sens.correct, sens.margins, var, MarginFit(0.5, 1.0, 0)) > base
+
+
+def _calibrated_task(n, temperature, seed=0):
+    """Three classes, logits z, labels drawn from softmax(z / temperature): a model exactly that
+    calibrated. Returns (logits, labels, margins [2, n] to the two rivals, strongest first)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 3)) * 2.0
+    p = np.exp(z / temperature)
+    p /= p.sum(axis=1, keepdims=True)
+    y = (rng.uniform(size=(n, 1)) > np.cumsum(p, axis=1)).sum(axis=1)
+    rivals = strongest_rivals(z, y, 2)
+    return z, y, output_margins(z, y, rivals, softmax=False)
+
+
+def test_temperature_is_recovered_from_labels():
+    for t in (0.5, 1.0, 2.5):
+        _, _, m = _calibrated_task(40000, t)
+        assert margin_temperature(m) == pytest.approx(t, rel=0.05)
+
+
+def test_expected_drop_matches_monte_carlo_flips_of_a_calibrated_model():
+    """Oracle: the top-2 gap of every clip gets Gaussian noise; where it flips, the accuracy changes by
+    1[label = runner-up] - 1[label = float class]; averaged over clips and draws it must equal
+    expected_drop with the true temperature (3 classes: label and rivals are every class)."""
+    z, y, m = _calibrated_task(100000, 1.5, seed=1)
+    rng = np.random.default_rng(2)
+    order = np.argsort(-z, axis=1)
+    a, b = order[:, 0], order[:, 1]
+    gap = z[np.arange(len(y)), a] - z[np.arange(len(y)), b]
+    sd, shrink = 0.8, 0.9
+    drops = []
+    for _ in range(20):
+        flipped = shrink * gap + rng.normal(size=len(y)) * sd < 0
+        drops.append(100 * np.mean(flipped * ((y == a).astype(float) - (y == b))))
+    predicted = expected_drop(m, np.full_like(m, sd ** 2), MarginFit(shrink, 1.0, len(y)), 1.5)
+    assert predicted == pytest.approx(np.mean(drops), abs=0.15) and predicted > 1.0
+    assert expected_drop(m, np.full_like(m, sd ** 2), MarginFit(1.0, 0.0, len(y)), 1.5) == 0.0
+    assert expected_drop(m, np.full_like(m, 0.01), MarginFit(1.0, 1.0, len(y)), 1.5) < 0.1 * predicted
+
+
+def test_margins_from_softmax_outputs_match_keras(trained):
+    model, _, _, sens, (x, y) = trained
+    out = model.predict(x, verbose=0)
+    rivals = strongest_rivals(out, y, 2)
+    assert np.array_equal(rivals[0], _rivals(model, x, y))
+    got = output_margins(out, y, rivals, softmax=True)
+    np.testing.assert_allclose(got[0], _keras_margins(model, x, y, rivals[0]).numpy(), atol=1e-4)
+    np.testing.assert_allclose(got, sens.margins, atol=1e-3)   # the gradient pass's own margins
+
+
+def test_run_model_prediction_of_the_float_model_is_zero(trained, tmp_path):
+    """The float model as its own 'quantized' model: shrink 1, no noise, no drop."""
+    model, feats, _, _, _ = trained
+    spec = specs.predict(calib="val", n_calib=128)
+    out = predict_run_model(model, model, feats, weight_config(4), spec, 0)
+    assert out["predict/shrink"] == pytest.approx(1.0, abs=1e-5) and out["predict/noise_scale"] < 1e-6
+    assert abs(out["predict/degradation"]) < 0.1 and out["predict/matches_run"]
+
+
+def test_run_model_prediction_follows_the_model_that_runs(trained, tmp_path):
+    """A 3-bit model: every key, the margins saved for a study; quantizing the activations too at 3
+    bits moves the calibration margins further than the weights alone, and the fit says so."""
+    model, feats, _, _, _ = trained
+    spec = specs.predict(calib="train", n_calib=128)
+    w3 = _quant_config("bits=3")
+    q_w = quantize_model(model, w3)
+    path = tmp_path / PREDICT_MARGINS_FILE
+    out = predict_run_model(model, q_w, feats, w3, spec, 0, margins_file=str(path))
+    assert {"predict/degradation", "predict/rtn_degradation", "predict/shrink", "predict/noise_scale",
+            "predict/in_validated_range", "predict/validated_bits"} <= set(out)
+    assert out["predict/noise_shape"] == "gradients" and out["predict/of"].endswith("fitted on 128 train clips")
+    saved = np.load(path)
+    assert saved["float_margins"].shape == saved["quant_margins"].shape == saved["variance"].shape == (2, 128)
+    assert saved["quant_correct"].mean() == pytest.approx(
+        np.mean(np.argmax(q_w.predict(calibration_set(feats.x["train"], feats.y["train"], 128, 0)[0], verbose=0),
+                          axis=1) == saved["labels"]))
+    fit = fit_margins(saved["float_margins"], saved["quant_margins"], saved["variance"])
+    assert fit.noise_scale == pytest.approx(out["predict/noise_scale"])
+    wa3 = _quant_config("bits=3", "act_bits=3")
+    q_wa = quantize_model(model, wa3)
+    calibrate(q_wa, batches(feats.x["train"][:256]))
+    freeze_ranges(q_wa)
+    both = predict_run_model(model, q_wa, feats, wa3, spec, 0)
+    assert out["predict/in_validated_range"] and not both["predict/in_validated_range"]      # 3-bit activations
+    assert "activations float or >= 8 bits" in both["predict/validated_range"]
+    assert both["predict/noise_scale"] > out["predict/noise_scale"]
+    assert both["predict/degradation"] > out["predict/degradation"]
+
+
+def test_a_model_the_gradient_pass_cannot_follow_gets_a_uniform_fit(trained):
+    _, feats, _, _, _ = trained
+    inputs = keras.Input(feats.input_shape)
+    h = keras.layers.Reshape((*feats.input_shape, 1))(inputs)
+    h = keras.layers.DepthwiseConv2D(3, name="conv")(h)
+    out = keras.layers.Dense(len(feats.class_names), activation="softmax")(keras.layers.Flatten()(h))
+    model = keras.Model(inputs, out)
+    cfg = _quant_config("bits=3")
+    got = predict_run_model(model, quantize_model(model, cfg), feats, cfg, specs.predict(calib="val"), 0)
+    assert got["predict/noise_shape"] == "uniform" and isinstance(got["predict/degradation"], float)
+    assert "'conv' (DepthwiseConv2D)" in got["predict/unsupported"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from qat.algorithms.calibration import calibrate
+from qat.algorithms.calibration import calibrate, values_per_clip
 from qat.errors import ConfigError, DataError
 from qat.layers.dense import QDense
 from qat.layers.lstm import QLSTM
@@ -175,12 +175,36 @@ def test_calibrate_sets_activation_ranges_from_data(float_model):
         calibrate(qmodel, [])
 
 
+def test_hidden_state_takes_its_own_spec_or_the_states(float_model):
+    """`hidden` puts h on its own grid (c stays at `state`); unset, h follows `state`; the spec is saved
+    with the layer; values per clip count every time step."""
+    x, _ = _data()
+    as_state = quantize_model(float_model, QuantConfig(state=QuantSpec(3)))
+    same = quantize_model(float_model, QuantConfig(state=QuantSpec(3), hidden=QuantSpec(3)))
+    own = quantize_model(float_model, QuantConfig(state=QuantSpec(3), hidden=QuantSpec(6)))
+    only_h = quantize_model(float_model, QuantConfig(hidden=QuantSpec(2)))
+    for q in (as_state, same, own, only_h):
+        calibrate(q, [x])
+        freeze_ranges(q)
+    np.testing.assert_array_equal(as_state.predict(x, verbose=0), same.predict(x, verbose=0))
+    lstm = own.get_layer("lstm")
+    assert lstm.activation_quantizers["state_c"].spec.bits == 3 and lstm.activation_quantizers["state_h"].spec.bits == 6
+    assert set(only_h.get_layer("lstm").activation_quantizers) == {"state_h"}
+    h = only_h.get_layer("lstm").sequence(float_model.get_layer("normalize")(x)).numpy()
+    assert all(len(np.unique(h[..., u])) <= 4 for u in range(h.shape[-1]))           # 2 bits per unit
+    assert not np.allclose(own.predict(x, verbose=0), as_state.predict(x, verbose=0))
+    counts = values_per_clip(own, x[0])
+    assert counts[("lstm", "state_h")] == counts[("lstm", "state_c")] == SHAPE[0] * 8
+    with pytest.raises(ConfigError, match="QuantConfig.hidden is not allowed with integer=True"):
+        QuantConfig(weights=QuantSpec(4), inputs=QuantSpec(8), state=QuantSpec(8), hidden=QuantSpec(4), integer=True)
+
+
 @pytest.mark.parametrize("strategy", [RANGE, LSQ])
 def test_save_and_load_give_identical_predictions(tmp_path, float_model, strategy):
     x, _ = _data()
     cfg = QuantConfig(weights=QuantSpec(4, granularity="per_channel"), bias=QuantSpec(8),
                       inputs=QuantSpec(8, estimator="percentile"), gates=QuantSpec(8), state=QuantSpec(8),
-                      strategy=strategy)
+                      hidden=QuantSpec(6), strategy=strategy)
     qmodel = quantize_model(float_model, cfg)
     calibrate(qmodel, [x])
     path = tmp_path / "q.keras"

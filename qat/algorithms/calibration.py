@@ -55,6 +55,19 @@ def calibrate(qmodel, batches: Iterable[np.ndarray]) -> None:
         _set_ranges(layer, {key: seen[(layer.name, key)] for key in layer.activation_quantizers})
 
 
+def values_per_clip(qmodel, clip: np.ndarray) -> dict:
+    """{(layer name, quantizer name): how many values that activation quantizer rounds for one clip
+    (every time step of a recurrent layer's gates and states)}."""
+    layers = [layer for layer in quantized_layers(qmodel) if layer.activation_quantizers]
+    if not layers:
+        return {}
+    taps = keras.Model(qmodel.inputs, [input_tap(qmodel, layer) for layer in layers])
+    xs = taps(np.asarray(clip[None], np.float32), training=False)
+    xs = xs if isinstance(xs, (list, tuple)) else [xs]
+    return {(layer.name, key): int(np.size(values)) for layer, x in zip(layers, xs)
+            for key, values in layer.calibration_values(x).items() if key in layer.activation_quantizers}
+
+
 def calibrate_in_order(qmodel, clips: np.ndarray, size: int = 64) -> None:
     """`calibrate` one layer after another from the input: each layer's ranges come from what the
     layers below it feed it once they are calibrated (where a layer's grid depends on the grids below

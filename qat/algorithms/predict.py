@@ -1,14 +1,22 @@
-"""Predict the test-accuracy drop of a weight-quantized model from the float model and a few labelled
-calibration clips (validation or training, never test), without running a quantized model.
+"""Predict the test-accuracy drop of a quantized model from the float model and a few labelled
+calibration clips (validation or training, never test).
 
-The model, a margin-noise analysis. For calibration clip i with label y, the float model's logits
-z give margins m_ik = z_y - z_k to its k strongest rival classes. Rounding a weight tensor w to a
-grid adds an error e = Q(w) - w, which moves each margin by g_ik . e to first order, where
-g_ik = d m_ik / d w is the clip's own gradient (exact per-clip gradients: one forward and k
-backward passes through an unrolled copy of the model, with zero probes on every pre-activation).
-The rounding errors are treated as independent zero-mean noise with the *actual* mean squared
-error of the config's grid per output unit, so per-tensor / per-channel, either scheme, any range
-estimator and mixed bit-widths are all covered. The margin change is then ~ N(0, s_ik^2) with
+Two predictions share one margin-noise analysis:
+
+- `predict_drop` / `predict_summary` / the drop table: weights rounded to nearest, from the float
+  model alone (nothing quantized is run), per tensor or per channel, any scheme, estimator and mix
+  of bit-widths; milliseconds per config once the gradient pass has run.
+- `predict_run_model`: the model a PTQ run actually evaluates (search, GPTQ, refinement, bias
+  correction, activation, gate and state grids), fitted on one pass of that model over the
+  calibration clips (below).
+
+The noise model. For calibration clip i with label y, the float model's logits z give margins
+m_ik = z_y - z_k to its k strongest rival classes. Rounding a weight tensor w to a grid adds an
+error e = Q(w) - w, which moves each margin by g_ik . e to first order, where g_ik = d m_ik / d w
+is the clip's own gradient (exact per-clip gradients: one forward and k backward passes through an
+unrolled copy of the model, with zero probes on every pre-activation). The rounding errors are
+treated as independent zero-mean noise with the *actual* mean squared error of the config's grid
+per output unit. The margin change is then ~ N(0, s_ik^2) with
 
     s_ik^2 = sum over tensors t and output units c of  mean_rows(e_t[:, c]^2) * sum_rows(g_ik,t[:, c]^2),
 
@@ -16,6 +24,19 @@ the clip stays (or becomes) correct with probability P_i = prod_k Phi(m_ik / s_i
 predicted drop is 100 * (mean_i correct_i - mean_i P_i) points. The gradient pass runs once per
 model (`sensitivity`, 2-5 s for 512 clips on 2 CPU cores); a config after that costs milliseconds,
 and the variances of tensors add, so `propose_mixed` can search bits per tensor exhaustively.
+
+The run's own model (`MarginFit`). Round-to-nearest noise is not what a PTQ run ships: GPTQ and
+refinement move the margins less, activation and state grids more, and at 2 bits saturating gates
+shrink every margin. One pass of the quantized model over the calibration clips gives its margins
+m^q; a least-squares fit of the z-scores, m^q / s = shrink * m / s + N(0, noise_scale), says how
+much it shrinks and how much more (or less) it spreads the margins than the noise model. The
+clip-by-clip shape of the spread stays the gradients' (where the gradient pass cannot follow the
+model, every margin gets the same spread: `predict/noise_shape` "uniform"). The prediction is the
+accuracy the float model, by its own softmax confidence, expects to lose to the decisions that
+spread flips: 100 * mean_i P(flip_i) * (p_a - p_b)_i for its class a and runner-up b
+(`expected_drop`). Counting labelled flips instead (mean correct -
+mean P(correct)) over-predicts: a model selected on its validation clips has few wrong clips near
+the boundary there to win back, while a test set has as many as it has right ones to lose.
 
 Choices:
 - Validation clips by default: training margins are over-confident (the model was fitted to them)
@@ -27,34 +48,40 @@ Choices:
 - Known blind spot: the per-tensor rounding of an LSTM bias at 3-4 bits is a coherent shift of
   every gate, which the noise model does not see; `propose_mixed` therefore keeps biases at 8 bits
   by default (they are under 1 % of the weights).
-- 2 bits is outside the first-order regime: predictions there are off by several points.
+- 2 bits is outside the first-order regime of the round-to-nearest prediction (off by several
+  points); the fitted prediction measures the 2-bit model's shrink instead of assuming none.
 
-Only weight quantization is modelled: a config with activation / state quantization is refused
-by `tensor_specs`, and `predict_summary` predicts its weight part and says so.
+The round-to-nearest noise model covers weights only: a config with activation / state
+quantization is refused by `tensor_specs`, and `predict_summary` predicts its weight part and says
+so; `predict_run_model` covers the rest by its fit, and qat.algorithms.proposal measures each
+activation part's noise for the mixed proposal.
 """
 from __future__ import annotations
 
 import itertools
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
-from scipy.special import ndtr
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp, ndtr
 
-from qat.algorithms.calibration import calibration_indices
+from qat.algorithms.calibration import batches, calibrate, calibration_indices
 from qat.checks import Bits, Checked, Integer, ListOf, Nullable, Number, OneOf, rejected, setting
 from qat.errors import ConfigError, DataError
+from qat.io import atomic_path
 from qat.layers.conv import conv_patches, convolve
 from qat.layers.model import RECURRENT, QuantConfig, freeze_ranges, quantize_model, weight_tensor_names
 from qat.memo import derived
-from qat.metrics import predict_classes
+from qat.metrics import predict, predict_classes
 from qat.quant.reference import fake_quant_np
-from qat.quant.spec import ESTIMATOR, GRANULARITY, SCHEME, QuantSpec
+from qat.quant.spec import ESTIMATOR, GRANULARITY, PERCENTILE, SCHEME, QuantSpec
 
 PREDICT_BITS = tuple(range(2, 9))   # the bit-widths the drop table and the mixed proposal cover by default
+PREDICT_MARGINS_FILE = "predict_margins.npz"   # per-clip margins a PTQ run's prediction was fitted on
 MAX_DROP = Number(0, expected="a number of points >= 0")
 
 
@@ -73,6 +100,8 @@ class Sensitivity:
     correct: np.ndarray
     sq_grads: Dict[str, np.ndarray]
     weights: Dict[str, np.ndarray]
+    rivals: Optional[np.ndarray] = None      # [k, i]: class index of clip i's k-th strongest competitor
+    labels: Optional[np.ndarray] = None      # [i]
     seconds: float = 0.0
     _noise_cache: Dict[Tuple[str, QuantSpec], np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -336,7 +365,7 @@ def sensitivity(float_model, x: np.ndarray, y: np.ndarray, competitors: int = 2,
     k = min(competitors, n_classes - 1)
     run = _make_pass(float_model, names)
     batch = min(batch_size, len(x))
-    margins, correct, sq = [], [], {n: [] for n in names}
+    margins, correct, rival_idx, sq = [], [], [], {n: [] for n in names}
     for s in range(0, len(x), batch):
         xb, yb = x[s:s + batch], y[s:s + batch]
         rows, m = np.arange(len(xb)), len(xb)
@@ -348,11 +377,12 @@ def sensitivity(float_model, x: np.ndarray, y: np.ndarray, competitors: int = 2,
         logits = logits.numpy()[:m].astype(np.float64)
         margins.append(np.stack([logits[rows, yb] - logits[rows, order[:, r]] for r in range(k)]))
         correct.append(np.argmax(logits, axis=1) == yb)
+        rival_idx.append(order[:, :k].T)
         for n in names:
             sq[n].append(grads[n].numpy()[:, :m].astype(np.float64))
     return Sensitivity(margins=np.concatenate(margins, axis=1), correct=np.concatenate(correct),
                        sq_grads={n: np.concatenate(v, axis=1) for n, v in sq.items()}, weights=weights,
-                       seconds=time.perf_counter() - start)
+                       rivals=np.concatenate(rival_idx, axis=1), labels=y, seconds=time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -388,6 +418,25 @@ def predict_drop(float_model, x_calib: np.ndarray, y_calib: np.ndarray, cfg: Qua
 
 
 VALIDATED_BITS = (3, 16)    # weight bits where the prediction's error was measured to be small (BENCHMARKS.md)
+# Where the prediction of a run's own model was measured (BENCHMARKS.md, "Predicted degradation"):
+# weight bits, and activation (layer inputs, gates) and state grids of at least these bits (or float)
+RUN_MODEL_VALIDATED_BITS = (3, 8)
+RUN_MODEL_VALIDATED_ACT_BITS = 8
+RUN_MODEL_VALIDATED_STATE_BITS = 4
+# The softmax temperature of the flip values in a run's prediction: the model's own confidence. A
+# temperature fitted on the calibration labels (`margin_temperature`) predicted worse on the
+# selection subset (seed 0 of the benchmark grid, BENCHMARKS.md).
+RUN_MODEL_TEMPERATURE = 1.0
+
+
+def run_model_validated(cfg: QuantConfig) -> Tuple[bool, str]:
+    """Whether `cfg` lies where `predict_run_model`'s error was measured, and that range in words."""
+    low, high = RUN_MODEL_VALIDATED_BITS
+    inside = low <= cfg.weights.bits <= high \
+        and all(s is None or s.bits >= RUN_MODEL_VALIDATED_ACT_BITS for s in (cfg.inputs, cfg.gates)) \
+        and all(s is None or s.bits >= RUN_MODEL_VALIDATED_STATE_BITS for s in (cfg.state, cfg.hidden))
+    return inside, (f"{low}..{high} weight bits, activations float or >= {RUN_MODEL_VALIDATED_ACT_BITS} bits, "
+                    f"state float or >= {RUN_MODEL_VALIDATED_STATE_BITS} bits")
 
 
 def predicted_model(cfg: QuantConfig) -> str:
@@ -422,6 +471,163 @@ def predict_summary(float_model, feats, cfg: QuantConfig, spec: "PredictSpec", s
         return {"predict/degradation": None, "predict/unsupported": str(e), "time/predict_s": time.perf_counter() - t0}
     return {"predict/degradation": drop, "predict/calibration_clips": len(x), "predict/calibration_split": spec.calib,
             "predict/weights_only": cfg.quantizes_activations, **meaning, "time/predict_s": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------- the run's own model
+
+@dataclass(frozen=True)
+class MarginFit:
+    """How a quantized model moved the calibration margins, as the noise model sees it:
+    m_q = shrink * m + noise, noise ~ N(0, noise_scale * s^2), with s^2 the round-to-nearest
+    noise model's variance of each margin (all ones where the predictor cannot follow the model).
+
+    `shrink` < 1 is a systematic loss of confidence (saturating gates at 2 bits, coarse activation
+    grids); `noise_scale` says how much more (> 1: activation / state grids, coarser ranges) or less
+    (< 1: GPTQ, refinement) the actual model moves the margins than independent round-to-nearest
+    errors of the config would."""
+
+    shrink: float
+    noise_scale: float
+    clips: int
+
+
+def output_margins(outputs: np.ndarray, labels: np.ndarray, rivals: np.ndarray, softmax: bool) -> np.ndarray:
+    """Margins [k, i] from a model's outputs: z_y - z_k, from log-probabilities for a softmax output
+    (the normaliser cancels; probabilities are clipped at 1e-45, so margins saturate near 100, far
+    from any decision)."""
+    out = np.asarray(outputs, np.float64)
+    if softmax:
+        out = np.log(np.maximum(out, 1e-45))
+    rows = np.arange(len(labels))
+    return np.stack([out[rows, labels] - out[rows, r] for r in rivals])
+
+
+def softmax_output(model) -> bool:
+    """Whether the model's last layer ends in a softmax (its outputs are probabilities)."""
+    return getattr(model.layers[-1], "activation", None) is keras.activations.softmax
+
+
+def model_margins(model, x: np.ndarray, y: np.ndarray, rivals: np.ndarray) -> np.ndarray:
+    """Margins [k, i] of a Keras model (float or quantized) on (x, y) to the given rivals, from its
+    own outputs."""
+    return output_margins(np.asarray(predict(model, x), np.float64), y, rivals, softmax_output(model))
+
+
+def strongest_rivals(outputs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """[k, i]: clip i's k strongest wrong classes by the model's outputs, strongest first."""
+    scores = np.array(outputs, np.float64)
+    scores[np.arange(len(labels)), labels] = -np.inf
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k].T
+
+
+def fit_margins(float_margins: np.ndarray, quant_margins: np.ndarray, variance: np.ndarray) -> MarginFit:
+    """Least squares of the z-scores: (m_q / s) on (m / s) without intercept gives `shrink`, the mean
+    squared residual `noise_scale` (every clip and rival counts; a floor of 1e-6 of the mean keeps
+    s > 0)."""
+    s2 = np.asarray(variance, np.float64)
+    s2 = s2 + 1e-6 * max(float(s2.mean()), 1e-12)
+    zf, zq = float_margins / np.sqrt(s2), quant_margins / np.sqrt(s2)
+    shrink = float(np.sum(zf * zq) / max(np.sum(zf * zf), 1e-30))
+    return MarginFit(shrink=shrink, noise_scale=float(np.mean((zq - shrink * zf) ** 2)),
+                     clips=int(float_margins.shape[1]))
+
+
+def fitted_drop(correct: np.ndarray, float_margins: np.ndarray, variance: np.ndarray, fit: MarginFit) -> float:
+    """Predicted drop (points) under a fitted margin model: 100 * (mean correct - mean_i prod_k
+    Phi(shrink * m_ik / sqrt(noise_scale * s_ik^2)))."""
+    s2 = np.asarray(variance, np.float64)
+    s2 = s2 + 1e-6 * max(float(s2.mean()), 1e-12)
+    p = probability_correct(fit.shrink * float_margins, fit.noise_scale * s2)
+    return 100.0 * float(np.mean(correct) - p.mean())
+
+
+def margin_temperature(float_margins: np.ndarray) -> float:
+    """The softmax temperature T that best explains the calibration labels (maximum likelihood of
+    the label among itself and its k rivals, p_y = 1 / (1 + sum_k exp(-m_k / T))): T > 1 where the
+    model is over-confident. Searched on log T in [-3, 3]."""
+    m = np.asarray(float_margins, np.float64)
+
+    def nll(log_t: float) -> float:
+        z = np.vstack([np.zeros((1, m.shape[1])), -m / np.exp(log_t)])
+        return float(np.mean(logsumexp(z, axis=0)))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+
+
+def expected_drop(float_margins: np.ndarray, variance: np.ndarray, fit: MarginFit, temperature: float) -> float:
+    """Predicted drop (points): the expected accuracy a model calibrated at `temperature` loses when
+    its decision flips under the fitted margin model, 100 * mean_i P(flip_i) * (p_a - p_b)_i.
+
+    a is the float model's class, b its runner-up (from the label and its rivals); a flip to b
+    costs the clip P(a is right) - P(b is right), which the calibrated probabilities estimate. The
+    labels enter only through the temperature and the fit, so a calibration set with a handful of
+    boundary clips does not decide the prediction by which side of the boundary they happen to
+    lie; a small perturbation flips only clips near the boundary, where p_a ~ p_b, and predicts
+    ~0, as test sets measure. P(flip) = Phi(-shrink * u / sqrt(noise_scale * s^2)) with u = z_a - z_b."""
+    m = np.asarray(float_margins, np.float64)
+    s2 = np.asarray(variance, np.float64)
+    s2 = s2 + 1e-6 * max(float(s2.mean()), 1e-12)
+    m0 = m[0]
+    m1 = m[1] if len(m) > 1 else np.full_like(m0, -np.inf)
+    correct = m0 > 0
+    label_second = ~correct & (m1 > 0)          # wrong, the label is the runner-up
+    u = np.where(correct, m0, np.where(label_second, -m0, m1 - m0))
+    s2_u = np.where(correct | label_second, s2[0], s2[min(1, len(s2) - 1)])
+    logits = np.vstack([np.zeros((1, m.shape[1])), -m / temperature])       # label, rivals (relative)
+    p = np.exp(logits - logsumexp(logits, axis=0))
+    p_r1 = p[2] if len(m) > 1 else np.zeros_like(m0)
+    p_a = np.where(correct, p[0], p[1])
+    p_b = np.where(correct, p[1], np.where(label_second, p[0], p_r1))
+    with np.errstate(divide="ignore", invalid="ignore"):     # no noise: a hard decision, 0.5 at a tie
+        flip = np.nan_to_num(ndtr(-fit.shrink * u / np.sqrt(fit.noise_scale * s2_u)), nan=0.5)
+    return 100.0 * float(np.mean(flip * (p_a - p_b)))
+
+
+def predict_run_model(float_model, qmodel, feats, cfg: QuantConfig, spec: "PredictSpec", seed: int,
+                      of: str = "the run's model", margins_file: Optional[str] = None) -> Dict[str, object]:
+    """The `predict/*` summary keys for the model a run actually evaluates (`qmodel`: whatever
+    rounding, GPTQ, refinement, bias correction, activation, gate and state grids it has), before
+    any test clip is seen: the round-to-nearest noise model of the float model (`predict_summary`)
+    gives each calibration margin its spread, one pass of `qmodel` over the same calibration
+    clips fits how much it actually shrinks and spreads them (`MarginFit`), and the drop is the
+    accuracy the float model, by its own softmax confidence, expects to lose to the decisions
+    that fit flips (`expected_drop`).
+
+    `predict/rtn_degradation` keeps the float-model-only prediction (round-to-nearest weights).
+    A model the gradient pass cannot follow gets the same fit with equal spread for every margin
+    (`predict/noise_shape` = "uniform"). `margins_file`: where to save the per-clip margins,
+    variances and correctness (npz) for a study of the predictor."""
+    t0 = time.perf_counter()
+    x, y = calibration_set(feats.x[spec.calib], feats.y[spec.calib], spec.n_calib, seed)
+    rtn = predict_summary(float_model, feats, cfg, spec, seed, False)
+    float_out = np.asarray(predict(float_model, x), np.float64)
+    k = min(spec.competitors, float_out.shape[1] - 1)
+    if rtn["predict/degradation"] is None:
+        rivals, variance = strongest_rivals(float_out, y, k), np.ones((k, len(y)))
+    else:
+        sens = derived(float_model, "sensitivity", lambda: sensitivity(float_model, x, y, spec.competitors), x, y,
+                       spec.competitors)
+        rivals, variance = sens.rivals, config_variance(sens, cfg.weights_only())
+    quant_out = np.asarray(predict(qmodel, x), np.float64)
+    softmax = softmax_output(float_model)
+    m_float = output_margins(float_out, y, rivals, softmax)
+    m_quant = output_margins(quant_out, y, rivals, softmax)
+    correct = np.argmax(float_out, axis=1) == y
+    fit = fit_margins(m_float, m_quant, variance)
+    inside, validated_range = run_model_validated(cfg)
+    drop = expected_drop(m_float, variance, fit, RUN_MODEL_TEMPERATURE)
+    if margins_file is not None:
+        with atomic_path(margins_file) as tmp:
+            np.savez(tmp, float_margins=m_float, quant_margins=m_quant, variance=variance, correct=correct,
+                     quant_correct=np.argmax(quant_out, axis=1) == y, labels=y, rivals=rivals)
+    return {**{k_: v for k_, v in rtn.items() if k_ not in ("predict/degradation", "time/predict_s")},
+            "predict/degradation": drop, "predict/rtn_degradation": rtn["predict/degradation"],
+            "predict/shrink": fit.shrink, "predict/noise_scale": fit.noise_scale,
+            "predict/noise_shape": "uniform" if rtn["predict/degradation"] is None else "gradients",
+            "predict/of": f"{of}, fitted on {len(y)} {spec.calib} clips", "predict/matches_run": True,
+            "predict/weights_only": False, "predict/calibration_clips": len(y), "predict/calibration_split": spec.calib,
+            "predict/in_validated_range": inside, "predict/validated_bits": list(RUN_MODEL_VALIDATED_BITS),
+            "predict/validated_range": validated_range, "time/predict_s": time.perf_counter() - t0}
 
 
 def weight_config(bits: int, granularity: str = "per_tensor", scheme: str = "asymmetric",
@@ -480,6 +686,73 @@ def _spec_at(base: QuantSpec, bits: int) -> QuantSpec:
     return replace(base, bits=bits)
 
 
+@dataclass(frozen=True)
+class WeightOptions:
+    """The weight tensors' options of a mixed-precision search: each searched tensor at each of
+    `bits`, its margin variance and packed bytes there; biases fixed at `bias_bits` where given."""
+
+    bits: Tuple[int, ...]
+    base: QuantConfig                     # granularity, scheme, estimator of every tensor
+    names: List[str]                      # the searched tensors
+    specs: Dict[str, QuantSpec]           # searched tensor -> its spec (bits set per option)
+    fixed: Dict[str, QuantSpec]           # tensors kept at their bits
+    fixed_variance: np.ndarray            # [k, clips] of the fixed tensors
+    variance: Dict[str, np.ndarray]       # searched tensor -> [len(bits), k, clips]
+    size: Dict[str, np.ndarray]           # searched tensor -> packed bytes per option
+
+    def config(self, choice: Sequence[int]) -> QuantConfig:
+        """The weight QuantConfig of one option index per searched tensor."""
+        return QuantConfig(weights=self.base.weights, bias=self.base.bias,
+                           overrides={**{n: _spec_at(self.specs[n], self.bits[j]) for n, j in zip(self.names, choice)},
+                                      **self.fixed})
+
+
+def weight_options(sens: Sensitivity, bits: Sequence[int], granularity: str = "per_tensor",
+                   scheme: str = "asymmetric", estimator: str = "minmax", bias_bits: Optional[int] = 8) -> WeightOptions:
+    """Every weight tensor of `sens` at every bit-width of `bits` (biases at `bias_bits`, None: searched)."""
+    bits = tuple(sorted({int(b) for b in bits}))
+    if not bits:
+        raise ConfigError("a mixed-precision proposal needs at least one bit-width to choose from")
+    Nullable(Bits())("bias_bits", bias_bits)
+    base = weight_config(bits[0], granularity, scheme, estimator)
+    spec_of = {n: base.bias if n.endswith("/bias") else base.weights for n in sens.names}
+    fixed = {n: _spec_at(spec_of[n], bias_bits) for n in sens.names if n.endswith("/bias") and bias_bits is not None}
+    names = [n for n in sens.names if n not in fixed]
+    size = {}
+    for n in names:
+        w, spec = sens.weights[n], spec_of[n]
+        groups = w.shape[spec.axis] if spec.granularity == "per_channel" else 1
+        size[n] = np.array([_spec_at(spec, b).packed_bytes(w.size, groups) for b in bits])
+    return WeightOptions(
+        bits=bits, base=base, names=names, specs={n: spec_of[n] for n in names}, fixed=fixed,
+        fixed_variance=sum((sens.tensor_variance(n, s) for n, s in fixed.items()), np.zeros_like(sens.margins)),
+        variance={n: np.stack([sens.tensor_variance(n, _spec_at(spec_of[n], b)) for b in bits]) for n in names},
+        size=size)
+
+
+def lower_greedily(costs: Sequence[np.ndarray], drop_of: Callable[[Sequence[int]], float],
+                   max_drop: float) -> Tuple[Tuple[int, ...], int]:
+    """Greedy choice of one option per element (`costs[t][j]`: element t's cost at option j, options
+    in increasing cost): from the costliest option of every element, lower one element by one option
+    at a time, the one that saves most cost per point of predicted drop while `drop_of(choice)` stays
+    within `max_drop`. Returns (the choice, how many candidates were evaluated)."""
+    current, searched = [len(c) - 1 for c in costs], 0
+    while True:
+        here, options = drop_of(current), []
+        for t, c in enumerate(costs):
+            if current[t] == 0:
+                continue
+            trial = current.copy()
+            trial[t] -= 1
+            searched += 1
+            d = drop_of(trial)
+            if d <= max_drop:
+                options.append(((c[current[t]] - c[trial[t]]) / max(d - here, 1e-9), t))
+        if not options:
+            return tuple(current), searched
+        current[max(options)[1]] -= 1
+
+
 def propose_mixed(sens: Sensitivity, max_drop: float, bits: Sequence[int] = PREDICT_BITS,
                   granularity: str = "per_tensor", scheme: str = "asymmetric", estimator: str = "minmax",
                   bias_bits: Optional[int] = 8, exhaustive_limit: int = 100_000) -> MixedProposal:
@@ -496,26 +769,11 @@ def propose_mixed(sens: Sensitivity, max_drop: float, bits: Sequence[int] = PRED
     the tensor that saves most bytes per point of predicted drop while the budget holds). The
     variances of tensors add, so every candidate costs one sum and one Phi over the clips."""
     MAX_DROP("max_drop", max_drop)
-    bits = sorted({int(b) for b in bits})
-    if not bits:
-        raise ConfigError("propose_mixed needs at least one bit-width to choose from")
-    base = weight_config(bits[0], granularity, scheme, estimator)
-    Nullable(Bits())("bias_bits", bias_bits)
-    names = sens.names
-    spec_of = {n: base.bias if n.endswith("/bias") else base.weights for n in names}
-    fixed = {n: _spec_at(spec_of[n], bias_bits) for n in names if n.endswith("/bias") and bias_bits is not None}
-    fixed_var = sum((sens.tensor_variance(n, s) for n, s in fixed.items()), np.zeros_like(sens.margins))
-    names = [n for n in names if n not in fixed]
-    var = {n: np.stack([sens.tensor_variance(n, _spec_at(spec_of[n], b)) for b in bits]) for n in names}
-    var[names[0]] = var[names[0]] + fixed_var            # the fixed tensors' noise is always there
-    size = {}
-    for n in names:
-        w, spec = sens.weights[n], spec_of[n]
-        groups = w.shape[spec.axis] if spec.granularity == "per_channel" else 1
-        size[n] = np.array([_spec_at(spec, b).packed_bytes(w.size, groups) for b in bits])
+    opts = weight_options(sens, bits, granularity, scheme, estimator, bias_bits)
+    bits, names, var, size = opts.bits, opts.names, opts.variance, opts.size
 
     def drop_of(choice) -> float:
-        return sens.drop(sum(var[n][j] for n, j in zip(names, choice)))
+        return sens.drop(opts.fixed_variance + sum(var[n][j] for n, j in zip(names, choice)))
 
     top = (len(bits) - 1,) * len(names)
     if drop_of(top) > max_drop:
@@ -529,7 +787,7 @@ def propose_mixed(sens: Sensitivity, max_drop: float, bits: Sequence[int] = PRED
         stacked = [var[n] for n in names]
         for start in range(0, len(ordered), 512):      # cheapest first, 512 candidates at a time
             chunk = ordered[start:start + 512]
-            v = sum(stacked[t][chunk[:, t]] for t in range(len(names)))          # [cands, k, clips]
+            v = opts.fixed_variance + sum(stacked[t][chunk[:, t]] for t in range(len(names)))  # [cands, k, clips]
             drops = 100.0 * (sens.correct.mean() - probability_correct(
                 np.broadcast_to(sens.margins, v.shape).transpose(1, 0, 2), v.transpose(1, 0, 2)).mean(axis=-1))
             ok = np.flatnonzero(drops <= max_drop)
@@ -539,25 +797,8 @@ def propose_mixed(sens: Sensitivity, max_drop: float, bits: Sequence[int] = PRED
                 break
             searched += len(chunk)
     else:
-        current = list(top)
-        while True:
-            options = []
-            here = drop_of(current)
-            for t, n in enumerate(names):
-                if current[t] == 0:
-                    continue
-                trial = current.copy()
-                trial[t] -= 1
-                searched += 1
-                d = drop_of(trial)
-                if d <= max_drop:
-                    options.append(((size[n][current[t]] - size[n][trial[t]]) / max(d - here, 1e-9), t))
-            if not options:
-                break
-            current[max(options)[1]] -= 1
-        best = tuple(current)
-    cfg = QuantConfig(weights=base.weights, bias=base.bias,
-                      overrides={**{n: _spec_at(spec_of[n], bits[j]) for n, j in zip(names, best)}, **fixed})
+        best, searched = lower_greedily([size[n] for n in names], drop_of, max_drop)
+    cfg = opts.config(best)
     uniform = [(b, sens.drop(config_variance(sens, weight_config(b, granularity, scheme, estimator)))) for b in bits]
     fits = [(b, d) for b, d in uniform if d <= max_drop]
     ub = fits[0] if fits else None
@@ -572,10 +813,16 @@ def propose_mixed(sens: Sensitivity, max_drop: float, bits: Sequence[int] = PRED
 
 # ----------------------------------------------------------------------------------- verification, runs
 
-def measured_drop(float_model, cfg: QuantConfig, x: np.ndarray, y: np.ndarray) -> Dict[str, float]:
-    """An actual PTQ evaluation of `cfg` (round to nearest, ranges frozen, as `ptq_seed` does) on
-    (x, y): {float_acc, quant_acc, drop} (drop in points)."""
+def measured_drop(float_model, cfg: QuantConfig, x: np.ndarray, y: np.ndarray,
+                  calib: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """An actual PTQ evaluation of `cfg` (round to nearest, activation ranges calibrated on `calib`
+    (training clips) where `cfg` quantizes activations, ranges frozen, as `ptq_seed` does) on (x, y):
+    {float_acc, quant_acc, drop} (drop in points)."""
     qmodel = quantize_model(float_model, cfg)
+    if cfg.quantizes_activations:
+        if calib is None:
+            raise ConfigError("measured_drop of a config that quantizes activations needs calibration clips")
+        calibrate(qmodel, batches(calib))
     freeze_ranges(qmodel)
     acc_f = float(np.mean(predict_classes(float_model, x) == y))
     acc_q = float(np.mean(predict_classes(qmodel, x) == y))
@@ -605,61 +852,10 @@ class PredictSpec(Checked):
     granularity: str = setting(GRANULARITY)      # of the mixed-precision proposal
     bits: Tuple[int, ...] = setting(ListOf(Bits()))
     bias_bits: Optional[int] = setting(Nullable(Bits()))   # biases in the mixed proposal (None: searched)
+    act_granularity: str = setting(GRANULARITY)  # activation parts of the mixed proposal (asymmetric)
+    act_estimator: str = setting(ESTIMATOR)
+    act_percentile: float = setting(PERCENTILE)
 
-
-def predict_run(float_model, feats, spec: PredictSpec, seed: int = 0,
-                max_drop: Optional[float] = None, verify: bool = True) -> Dict[str, object]:
-    """Everything `evaluate.py predict_only=true` reports for one float model: the predicted-drop
-    table (bits x granularity), and with `max_drop` the mixed-precision proposal, verified by an
-    actual PTQ evaluation on the test split unless verify=False. Returns a dict; `format_report`
-    turns it into text."""
-    t0 = time.perf_counter()
-    x, y = calibration_set(feats.x[spec.calib], feats.y[spec.calib], spec.n_calib, seed)
-    sens = sensitivity(float_model, x, y, spec.competitors)
-    rows = drop_table(sens, spec.bits, ("per_tensor", "per_channel"), spec.scheme, spec.estimator)
-    out: Dict[str, object] = {"calib": spec.calib, "n_calib": len(x), "calib_acc": float(sens.correct.mean()),
-                              "table": rows, "float_bytes": int(sum(4 * w.size for w in sens.weights.values())),
-                              "sensitivity_s": sens.seconds, "predict_s": time.perf_counter() - t0}
-    if max_drop is not None:
-        prop = propose_mixed(sens, float(max_drop), spec.bits, spec.granularity, spec.scheme, spec.estimator,
-                             spec.bias_bits)
-        out["proposal"] = prop
-        out["propose_s"] = time.perf_counter() - t0 - out["predict_s"]
-        if verify:
-            out["verified"] = measured_drop(float_model, prop.config, feats.x["test"], feats.y["test"])
-            if prop.uniform_bits is not None:
-                out["verified_uniform"] = measured_drop(
-                    float_model, weight_config(prop.uniform_bits, spec.granularity, spec.scheme, spec.estimator),
-                    feats.x["test"], feats.y["test"])
-    return out
-
-
-def format_report(r: Dict[str, object]) -> str:
-    """Markdown text of a `predict_run` result."""
-    lines = [f"predicted test-accuracy drop (points) from {r['n_calib']} {r['calib']} clips "
-             f"(float acc on them {100 * r['calib_acc']:.1f}%), weights round-to-nearest; "
-             f"{r['predict_s']:.1f} s", "",
-             "| bits | per_tensor drop | per_channel drop | per_tensor KiB | per_channel KiB |", "|---|---|---|---|---|"]
-    table = {(row["bits"], row["granularity"]): row for row in r["table"]}
-    for b in sorted({row["bits"] for row in r["table"]}):
-        pt, pc = table[(b, "per_tensor")], table[(b, "per_channel")]
-        lines.append(f"| {b} | {pt['predicted_drop']:.2f} | {pc['predicted_drop']:.2f} | "
-                     f"{pt['size_bytes'] / 1024:.1f} | {pc['size_bytes'] / 1024:.1f} |")
-    lines.append(f"\nfloat32 weights: {r['float_bytes'] / 1024:.1f} KiB")
-    prop = r.get("proposal")
-    if prop is not None:
-        lines += ["", f"mixed precision under a predicted drop of {prop.max_drop:g} points "
-                      f"({prop.config.weights.granularity}, {prop.searched} configurations searched):",
-                  "  " + ", ".join(f"{n}={b}" for n, b in prop.bits.items()),
-                  f"  predicted drop {prop.predicted_drop:.2f} points, {prop.size_bytes / 1024:.1f} KiB"]
-        if prop.uniform_bits is not None:
-            lines.append(f"  smallest uniform bit-width within the budget: {prop.uniform_bits} bits, "
-                         f"{prop.uniform_size_bytes / 1024:.1f} KiB, predicted drop {prop.uniform_predicted_drop:.2f}")
-        v = r.get("verified")
-        if v is not None:
-            lines.append(f"  verified by PTQ on the test split: float acc {100 * v['float_acc']:.2f}%, quantized "
-                         f"{100 * v['quant_acc']:.2f}%, measured drop {v['drop']:+.2f} points")
-        u = r.get("verified_uniform")
-        if u is not None:
-            lines.append(f"  (uniform {prop.uniform_bits} bits measured: drop {u['drop']:+.2f} points)")
-    return "\n".join(lines)
+    def act_spec(self, bits: int) -> QuantSpec:
+        """The activation grid of the mixed proposal's parts at `bits`."""
+        return QuantSpec(bits, "asymmetric", self.act_granularity, -1, self.act_estimator, self.act_percentile)

@@ -30,7 +30,7 @@ from qat.quant.integer import IntegerMode
 from qat.quant.quantizers import RANGE, Strategy
 from qat.quant.spec import QuantSpec
 
-SPEC_FIELDS = ("weights", "bias", "inputs", "gates", "state")
+SPEC_FIELDS = ("weights", "bias", "inputs", "gates", "state", "hidden")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class QuantConfig:
                                           # two floats per input, more than the weights they serve
     gates: Optional[QuantSpec] = None     # the gate activations: LSTM i, f, c, o; GRU z, r, h (act_bits)
     state: Optional[QuantSpec] = None     # LSTM cell state c and hidden state h; GRU h (state_bits)
+    hidden: Optional[QuantSpec] = None    # the hidden state h where it differs from `state` (None: as state)
     strategy: Strategy = RANGE            # qat.quant.quantizers.RANGE or LSQ (learned step sizes)
     integer: bool = False                 # integer mode (qat.layers.integer): act_bits = inputs.bits, cell
                                           # state at state.bits; weights symmetric, no bias spec
@@ -62,15 +63,18 @@ class QuantConfig:
                 raise rejected(f"QuantConfig.overrides[{name!r}]", spec, "a QuantSpec")
         if self.integer and (self.inputs is None or self.state is None):
             raise ConfigError("QuantConfig.integer=True needs `inputs` (act_bits) and `state` (cell-state bits) specs")
+        if self.integer and self.hidden is not None:
+            raise ConfigError("QuantConfig.hidden is not allowed with integer=True: the integer kernel's h sits on "
+                              "the act_bits grid")
 
     @property
     def quantizes_activations(self) -> bool:
         """Whether any layer input, gate or state is quantized (then the model needs calibration)."""
-        return any(s is not None for s in (self.inputs, self.gates, self.state))
+        return any(s is not None for s in (self.inputs, self.gates, self.state, self.hidden))
 
     def weights_only(self) -> "QuantConfig":
         """The same config with activations, gates and state left float (so not in integer mode)."""
-        return replace(self, inputs=None, gates=None, state=None, integer=False)
+        return replace(self, inputs=None, gates=None, state=None, hidden=None, integer=False)
 
 
 # float recurrent layer type -> its quantized twin
@@ -225,7 +229,7 @@ def _layer_specs(layer, cfg: QuantConfig, modes: Mapping[str, IntegerMode]) -> d
         if mode.input_bits is not None:
             specs["input"] = None
     if type(layer) in RECURRENT:
-        specs.update(gate=cfg.gates, state=cfg.state)
+        specs.update(gate=cfg.gates, state=cfg.state, hidden=cfg.hidden)
     elif specs["input"] is not None and specs["input"].granularity == "per_channel":
         specs["input"] = replace(specs["input"], granularity="per_tensor")
     kernel = specs.get("depthwise_kernel")

@@ -20,6 +20,8 @@ from qat.layers.loop import time_loop
 from qat.quant.quantizers import concat_params
 from qat.quant.spec import QuantSpec
 
+HIDDEN = "state_h"     # the hidden state's quantization point (every recurrent layer has one)
+
 
 class LoopCache:
     """One traced function per static configuration of a layer's loop (`key` is passed to `fn`)."""
@@ -40,7 +42,8 @@ class LoopCache:
 class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
     """What the quantized recurrent layers (QLSTM, QGRU) share: the Keras-like constructor and config,
     the quantization points (weights `weight_names`; `input`; the gate activations `gate_names`, one
-    spec "gate"; the states `state_names`, one spec "state"), the forward pass around the traced time
+    spec "gate"; the states `state_names`, spec "state", with h at spec "hidden" where that is given),
+    the forward pass around the traced time
     loop, calibration values and taking over a float Keras layer.
 
     A subclass sets the names and `n_states`, builds its weights and quantizers (`build`), and gives
@@ -62,7 +65,8 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
                  bias_initializer="zeros", kernel_quant: Optional[QuantSpec] = None,
                  recurrent_kernel_quant: Optional[QuantSpec] = None, bias_quant: Optional[QuantSpec] = None,
                  input_quant: Optional[QuantSpec] = None, gate_quant: Optional[QuantSpec] = None,
-                 state_quant: Optional[QuantSpec] = None, quantizer="range", integer=None,
+                 state_quant: Optional[QuantSpec] = None, hidden_quant: Optional[QuantSpec] = None,
+                 quantizer="range", integer=None,
                  fused: Optional[bool] = None, **kwargs):
         super().__init__(**kwargs)
         self.units = int(units)
@@ -79,7 +83,7 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self._set_quantization({"kernel": kernel_quant, "recurrent_kernel": recurrent_kernel_quant,
                                 "bias": bias_quant, "input": input_quant, "gate": gate_quant,
-                                "state": state_quant}, quantizer, integer)
+                                "state": state_quant, "hidden": hidden_quant}, quantizer, integer)
         # Traced loops, set past Keras' attribute tracking: they are code, not state to save.
         object.__setattr__(self, "_loops", LoopCache(type(self)._recurrence))
         object.__setattr__(self, "_traced_intermediates", tf.function(type(self)._intermediates, autograph=False,
@@ -147,8 +151,11 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
 
     def _build_activation_quantizers(self, features: int) -> None:
         if self.integer is None:
+            # h takes the "hidden" spec where one is given, else "state" like the other states
+            hidden = "hidden" if self.specs.get("hidden") is not None else "state"
+            cells = tuple(n for n in self.state_names if n != HIDDEN)
             self._build_quantizers([(("input",), "input", features), (self.gate_names, "gate", self.units),
-                                    (self.state_names, "state", self.units)])
+                                    (cells, "state", self.units), ((HIDDEN,), hidden, self.units)])
         else:   # the input (first layer) and `integer_states`' ranges; gates and h sit on fixed grids
             self._build_quantizers([(("input",), "input", features), (self.integer_states, "state", self.units)])
 
@@ -283,7 +290,7 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
     @classmethod
     def from_float(cls, layer, specs: dict, quantizer="range"):
         """An unbuilt quantized layer configured like the float Keras layer `layer` (same name).
-        `specs` maps kernel/recurrent_kernel/bias/input/gate/state to a QuantSpec or None."""
+        `specs` maps kernel/recurrent_kernel/bias/input/gate/state/hidden to a QuantSpec or None."""
         unsupported = {"stateful": layer.stateful, "return_state": layer.return_state,
                        "time_major": layer.time_major}
         cell = layer.cell
@@ -302,4 +309,4 @@ class QuantizedRNN(QuantizedLayer, keras.layers.Layer):
                    recurrent_dropout=cell.recurrent_dropout, quantizer=quantizer, name=layer.name,
                    **cls._float_options(layer), integer=specs.get("integer"),
                    **{f"{key}_quant": specs.get(key) for key in ("kernel", "recurrent_kernel", "bias", "input",
-                                                                 "gate", "state")})
+                                                                 "gate", "state", "hidden")})

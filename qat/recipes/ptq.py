@@ -19,7 +19,7 @@ import numpy as np
 from qat.algorithms.bias_correction import bias_correct
 from qat.algorithms.calibration import batches, calibrate, calibration_clips
 from qat.algorithms.gptq import gptq
-from qat.algorithms.predict import predict_summary
+from qat.algorithms.predict import PREDICT_MARGINS_FILE, predict_run_model
 from qat.algorithms.rounding import refine_rounding
 from qat.checks import Flag, Integer, Number, setting
 from qat.layers.model import freeze_ranges, quantize_model
@@ -40,12 +40,6 @@ class PtqOptions(QuantOptions):
     search: bool = setting(Flag())              # pick estimator (minmax | mse) x rounding (nearest | GPTQ)
     refine_epochs: int = setting(Integer(0, expected="an integer >= 0 (0 = no rounding refinement)"))
     refine_learning_rate: float = setting(Number(0, low_open=True))
-
-    @property
-    def rounds_to_nearest(self) -> bool:
-        """Whether the weights are rounded to nearest with the spec's estimator and nothing else (what
-        the degradation predictor predicts)."""
-        return not (self.search or self.gptq or self.bias_correction or self.refine_epochs)
 
 
 def validation_loss(model, feats) -> float:
@@ -79,9 +73,6 @@ class Ptq(Recipe):
         model, feats, bits = ctx.float_model, ctx.feats, ctx.bits
         calib = calibration_clips(feats.x["train"], opts.calibration_size, ctx.seed)
         summary: Dict[str, Any] = {"quant/calibration_clips": len(calib)}
-        # The predicted drop (float model + validation clips only) sits next to the measured one.
-        summary.update(predict_summary(model, feats, opts.quant_config(bits), ctx.predict, ctx.seed,
-                                       opts.rounds_to_nearest))
         candidates = [(e, g) for e in ESTIMATOR_CANDIDATES for g in (False, True)] if opts.search \
             else [(opts.estimator, opts.gptq)]
         best = None
@@ -102,6 +93,10 @@ class Ptq(Recipe):
         if bits.quantizes_activations:
             calibrate(qmodel, batches(calib))
         freeze_ranges(qmodel)          # the evaluated model is the deployable one (see export)
+        # The predicted drop (float and quantized model on calibration clips, never test) sits next
+        # to the measured one.
+        summary.update(predict_run_model(model, qmodel, feats, opts.quant_config(bits), ctx.predict, ctx.seed,
+                                         margins_file=str(ctx.run_dir / PREDICT_MARGINS_FILE)))
         return quantized_result(ctx, qmodel, opts.integer, summary)
 
 
