@@ -17,7 +17,9 @@ import functools
 import json
 import logging
 import shutil
+import signal
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
@@ -134,32 +136,71 @@ def job(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         hydra = HydraConfig.get()
         run_dir = Path(hydra.runtime.output_dir)
         multirun = hydra.mode == RunMode.MULTIRUN
-        try:
-            return fn(cfg)
-        except UserError as e:
-            message = f"error: {e}"
-            _job_log(logging.ERROR, message)
-            if multirun:
-                write_bytes(run_dir / ERROR_FILE, (message + "\n").encode())
-                print(message, file=sys.stderr)
-                return None
-            print(message, file=sys.stderr)
-            _remove_if_empty(run_dir)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            _job_log(logging.ERROR, "interrupted")
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
-        except Exception as e:
-            _job_log(logging.ERROR, "the run failed", exc_info=sys.exc_info())
-            if multirun:
-                line = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (traceback in the job's log)"
-                write_bytes(run_dir / ERROR_FILE, (line + "\n").encode())
-                log.error("job %s failed: %s", run_dir, line)
-                return None
-            raise
+        with CtrlC() as ctrl_c:
+            return _run_job(fn, cfg, run_dir, multirun, ctrl_c)
 
     return wrapper
+
+
+class CtrlC:
+    """Within the block, records whether Ctrl-C (SIGINT) arrived and then hands it to the handler
+    that was there (Python's own raises KeyboardInterrupt). TensorFlow can turn a KeyboardInterrupt raised while it traces a
+    function into another exception (a StagingError); `job` still reports such a failure as the
+    interrupt it was. Outside the main thread, where no handler can be set, it records nothing."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def _on_sigint(self, signum, frame):
+        self.received = True
+        self._previous(signum, frame)
+
+    def __enter__(self) -> "CtrlC":
+        previous = signal.getsignal(signal.SIGINT)
+        # an ignored SIGINT (a background job) stays ignored
+        if threading.current_thread() is threading.main_thread() and callable(previous):
+            self._previous = previous
+            signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _run_job(fn, cfg, run_dir: Path, multirun: bool, ctrl_c: CtrlC):
+    """One job, its failures shaped as the module doc says."""
+    try:
+        return fn(cfg)
+    except UserError as e:
+        message = f"error: {e}"
+        _job_log(logging.ERROR, message)
+        if multirun:
+            write_bytes(run_dir / ERROR_FILE, (message + "\n").encode())
+            print(message, file=sys.stderr)
+            return None
+        print(message, file=sys.stderr)
+        _remove_if_empty(run_dir)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _interrupted()
+    except Exception as e:
+        if ctrl_c.received:
+            _interrupted()
+        _job_log(logging.ERROR, "the run failed", exc_info=sys.exc_info())
+        if multirun:
+            line = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (traceback in the job's log)"
+            write_bytes(run_dir / ERROR_FILE, (line + "\n").encode())
+            log.error("job %s failed: %s", run_dir, line)
+            return None
+        raise
+
+
+def _interrupted() -> None:
+    _job_log(logging.ERROR, "interrupted")
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 class FailedJobsReport(Callback):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from qat.config import saved_config
+from qat.config import CtrlC, saved_config
 from qat.data.datasets import list_files, read_wav
 from qat.data.features import load_features
 from qat.errors import ConfigError, DataError, TrainingError
@@ -99,6 +99,20 @@ def test_ctrl_c_ends_the_run_with_one_line(speech_commands_root, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
     assert not (tmp_path / "cache" / "float").exists() or not list((tmp_path / "cache" / "float").glob("*/" + MODEL_FILE))
+
+
+def test_ctrl_c_is_recorded_whatever_exception_it_turns_into():
+    """A SIGINT inside a job is remembered (TensorFlow may re-raise the KeyboardInterrupt of a
+    tracing function as another exception); the previous handler is back afterwards."""
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
+        pytest.skip("SIGINT has no Python handler in this process")
+    before = signal.getsignal(signal.SIGINT)
+    with CtrlC() as ctrl_c:
+        assert not ctrl_c.received
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert ctrl_c.received and signal.getsignal(signal.SIGINT) is before
 
 
 # ------------------------------------------------------------------------------ diverged training
