@@ -520,12 +520,17 @@ def strongest_rivals(outputs: np.ndarray, labels: np.ndarray, k: int) -> np.ndar
     return np.argsort(-scores, axis=1, kind="stable")[:, :k].T
 
 
+def floored_variance(variance: np.ndarray) -> np.ndarray:
+    """Margin variances plus a floor of 1e-6 of their mean, so every spread s is > 0."""
+    s2 = np.asarray(variance, np.float64)
+    return s2 + 1e-6 * max(float(s2.mean()), 1e-12)
+
+
 def fit_margins(float_margins: np.ndarray, quant_margins: np.ndarray, variance: np.ndarray) -> MarginFit:
     """Least squares of the z-scores: (m_q / s) on (m / s) without intercept gives `shrink`, the mean
     squared residual `noise_scale` (every clip and rival counts; a floor of 1e-6 of the mean keeps
     s > 0)."""
-    s2 = np.asarray(variance, np.float64)
-    s2 = s2 + 1e-6 * max(float(s2.mean()), 1e-12)
+    s2 = floored_variance(variance)
     zf, zq = float_margins / np.sqrt(s2), quant_margins / np.sqrt(s2)
     shrink = float(np.sum(zf * zq) / max(np.sum(zf * zf), 1e-30))
     return MarginFit(shrink=shrink, noise_scale=float(np.mean((zq - shrink * zf) ** 2)),
@@ -535,8 +540,7 @@ def fit_margins(float_margins: np.ndarray, quant_margins: np.ndarray, variance: 
 def fitted_drop(correct: np.ndarray, float_margins: np.ndarray, variance: np.ndarray, fit: MarginFit) -> float:
     """Predicted drop (points) under a fitted margin model: 100 * (mean correct - mean_i prod_k
     Phi(shrink * m_ik / sqrt(noise_scale * s_ik^2)))."""
-    s2 = np.asarray(variance, np.float64)
-    s2 = s2 + 1e-6 * max(float(s2.mean()), 1e-12)
+    s2 = floored_variance(variance)
     p = probability_correct(fit.shrink * float_margins, fit.noise_scale * s2)
     return 100.0 * float(np.mean(correct) - p.mean())
 
@@ -565,8 +569,7 @@ def expected_drop(float_margins: np.ndarray, variance: np.ndarray, fit: MarginFi
     lie; a small perturbation flips only clips near the boundary, where p_a ~ p_b, and predicts
     ~0, as test sets measure. P(flip) = Phi(-shrink * u / sqrt(noise_scale * s^2)) with u = z_a - z_b."""
     m = np.asarray(float_margins, np.float64)
-    s2 = np.asarray(variance, np.float64)
-    s2 = s2 + 1e-6 * max(float(s2.mean()), 1e-12)
+    s2 = floored_variance(variance)
     m0 = m[0]
     m1 = m[1] if len(m) > 1 else np.full_like(m0, -np.inf)
     correct = m0 > 0
