@@ -27,7 +27,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from qat.config import job, logger_spec, quant_preset, run_spec, saved_config  # noqa: E402
+from qat.config import job, logger_spec, proposal_commands, quant_preset, run_spec, saved_config  # noqa: E402
 from qat.errors import ConfigError  # noqa: E402
 from qat.experiment import export_saved_run, load_run, predict_saved_run, run_experiment  # noqa: E402
 from qat.tracking import start_run  # noqa: E402
@@ -50,7 +50,8 @@ def main(cfg: DictConfig) -> None:
     preset = quant_preset() if cfg.get("quant") is not None else saved.get("preset", saved["method"])
     spec = run_spec(config, preset)
     if cfg.predict_only:
-        print(predict_saved_run(spec, cfg.run_dir, cfg.max_drop, cfg.verify))
+        report, r = predict_saved_run(spec, cfg.run_dir, cfg.max_drop, cfg.verify)
+        print(report + proposal_commands(cfg.run_dir, r))
         return
     if cfg.export is not None:
         r = export_saved_run(spec, cfg.run_dir, cfg.export)

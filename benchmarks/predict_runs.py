@@ -1,6 +1,6 @@
-"""How well does a PTQ run's own prediction (`predict/degradation`, qat.algorithms.predict.predict_run_model)
-foresee its measured test drop? Reads finished `quant=ptq` runs of a multirun sweep (their
-summary.json and the calibration margins each saved in predict_margins.npz) and prints markdown
+"""How well does a run's own prediction (`predict/degradation`, qat.algorithms.predict.predict_run_model)
+foresee its measured test drop? Reads the finished runs of one recipe (`--method`, default ptq) in
+multirun sweeps (their summary.json and the calibration margins each saved in predict_margins.npz) and prints markdown
 tables: the mean absolute error against the measured `quant/degradation` at bits 3..8 and at 2 bits,
 per data set and quantization config, beside the baselines predict-0 and val-measured (the drop the
 quantized model shows on the whole validation split: the brute-force alternative), with the test
@@ -20,6 +20,10 @@ among them can be made on one part of the grid and checked on the rest:
           hydra.sweep.dir=$S/${cfg:-weights}-$data
     done; done
     python benchmarks/predict_runs.py $S/* [--seeds 0] [--csv runs.csv]
+
+    # QAT and the TFLite-exact PTQ (their own grids; BENCHMARKS.md):
+    python benchmarks/predict_runs.py $Q/* --method qat
+    python benchmarks/predict_runs.py $Q/* --method ptq_tflite
 """
 from __future__ import annotations
 
@@ -58,13 +62,13 @@ def config_label(s: dict) -> str:
     return "+".join(parts)
 
 
-def collect(roots):
+def collect(roots, method: str):
     rows = []
     for root in roots:
         for summary in sorted(Path(root).rglob("summary.json")):
             npz = summary.parent / PREDICT_MARGINS_FILE
             s = json.loads(summary.read_text())
-            if s.get("method") != "ptq" or not npz.exists():
+            if s.get("method") != method or not npz.exists():
                 continue
             row = {"data": s.get("task") or s["data"], "config": config_label(s), "bits": s["bits"],
                    "seed": s["seed"], "measured": s["quant/degradation"], "noise sd": s.get("quant/test_noise_sd"),
@@ -126,13 +130,15 @@ def main() -> int:
     p.add_argument("roots", nargs="+")
     p.add_argument("--seeds", default="", help="only these seeds, e.g. 0 (choosing a variant on a subset)")
     p.add_argument("--csv", help="also write every run's numbers here")
+    p.add_argument("--method", default="ptq", help="the recipe whose runs are read (quant.method: ptq, qat, ...)")
     args = p.parse_args()
-    rows = collect(args.roots)
+    rows = collect(args.roots, args.method)
     if args.seeds:
         keep = {int(s) for s in args.seeds.split(",")}
         rows = [r for r in rows if r["seed"] in keep]
     if not rows:
-        print(f"error: no finished quant=ptq run with {PREDICT_MARGINS_FILE} under {args.roots}", file=sys.stderr)
+        print(f"error: no finished quant.method={args.method} run with {PREDICT_MARGINS_FILE} under {args.roots}",
+              file=sys.stderr)
         return 2
     keys = VARIANTS + BASELINES
     print("\n".join(table(rows, lambda b: 3 <= b <= 8, "bits 3..8", keys)))

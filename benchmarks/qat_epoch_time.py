@@ -95,11 +95,12 @@ def main():
     opts = spec.recipe.options
     for key, label, preset, bits, distilled in VARIANTS:
         recipe = composed_spec([f"quant={preset}", *bits, *args.overrides]).recipe
-        q = quantize_model(float_model, recipe.options.quant_config(recipe.bits, recipe.options.strategy))
+        cfg = recipe.options.quant_config(recipe.bits, recipe.options.strategy)
+        q = quantize_model(float_model, cfg)
         for layer in quantized_layers(q):
             if isinstance(layer, QuantizedRNN):
                 layer.fused = key in FUSED
-        if recipe.bits.quantizes_activations:
+        if cfg.quantizes_activations:
             calibrate(q, [x[:256]])
         if distilled and recipe.options.distill > 0:     # what fit() trains with quant.distill > 0
             q = Distiller(q, float_model, recipe.options.distill, recipe.options.temperature)

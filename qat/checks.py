@@ -178,6 +178,21 @@ class ListOf(Rule):
         return tuple(self.rule.normalise(v) for v in value)
 
 
+class MappingOf(Rule):
+    """A mapping (kept as a dict sorted by key) of text keys to values that each follow `rule`."""
+
+    def __init__(self, rule: Rule, expected: str = ""):
+        self.rule = rule
+        self.expected = expected or f"a mapping of names to values, each {rule.expected}"
+
+    def ok(self, value):
+        return isinstance(value, Mapping) and all(isinstance(k, str) and k and self.rule.ok(v)
+                                                  for k, v in value.items())
+
+    def normalise(self, value):
+        return {k: self.rule.normalise(value[k]) for k in sorted(value)}
+
+
 def setting(rule: Rule, **field_kwargs) -> Any:
     """A dataclass field checked by `rule` (pass `default=` where the field has one)."""
     return dataclasses.field(metadata={"rule": rule}, **field_kwargs)

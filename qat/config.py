@@ -107,6 +107,68 @@ def saved_config(run_dir: str) -> Dict[str, Any]:
     return config
 
 
+# what a proposal's command sets; the run's own overrides of these are dropped
+PROPOSAL_KEYS = ("quant", "bits", "act_bits", "state_bits", "hydra")
+
+
+def _resolved(cfg, name: str):
+    """The spec `cfg` gives the weight or bias `name`."""
+    return cfg.overrides.get(name, cfg.bias if name.endswith("/bias") else cfg.weights)
+
+
+def proposal_overrides(cfg, names) -> list:
+    """train.py overrides that build `cfg` (a QuantConfig of qat.algorithms.proposal: round-to-nearest
+    weights, bits per tensor over `names`, activation parts calibrated) with `quant=ptq_seed`, the
+    recipe that quantizes as the proposal's verification does."""
+    bits = {n: _resolved(cfg, n).bits for n in names if _resolved(cfg, n) is not None}
+    weight_bits = [b for n, b in bits.items() if not n.endswith("/bias")] or list(bits.values())
+    top = max(sorted(set(weight_bits)), key=weight_bits.count)       # the most common kernel width
+    w = cfg.weights
+    out = [f"bits={top}", "quant=ptq_seed", f"quant.scheme={w.scheme}", f"quant.granularity={w.granularity}",
+           f"quant.estimator={w.estimator}"]
+    if w.scale_bits is not None:
+        out.append(f"quant.scale_bits={w.scale_bits}")
+    if len(bits) < len(list(names)):
+        out.append("quant.bias=false")
+    others = {n: b for n, b in bits.items() if b != top}
+    if others:
+        out.append("quant.tensor_bits={" + ",".join(f"{n}:{b}" for n, b in others.items()) + "}")
+    inputs, gates, state, hidden = cfg.inputs, cfg.gates, cfg.state, cfg.hidden
+    if inputs is not None:
+        out.append(f"act_bits={inputs.bits}")
+    if gates is not None and (inputs is None or gates.bits != inputs.bits):
+        out.append(f"quant.gate_bits={gates.bits}")
+    if state is not None:
+        out.append(f"state_bits={state.bits}")
+    if hidden is not None and (state is None or hidden.bits != state.bits):
+        out.append(f"quant.hidden_bits={hidden.bits}")
+    act = next((s for s in (inputs, gates, state, hidden) if s is not None), None)
+    if act is not None:
+        out += [f"quant.act_scheme={act.scheme}", f"quant.act_granularity={act.granularity}",
+                f"quant.act_estimator={act.estimator}", f"quant.percentile={act.percentile:g}"]
+    return out
+
+
+def proposal_command(run_dir: str, cfg, names) -> str:
+    """The train.py command that runs a proposal on a finished run's data, model and seed: the run's
+    own overrides (`.hydra/overrides.yaml`) but its quantization, then `proposal_overrides`."""
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    own = [str(o) for o in OmegaConf.load(path)] if path.exists() else []
+    kept = [o for o in own if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0] not in PROPOSAL_KEYS]
+    return "python train.py " + " ".join(kept + proposal_overrides(cfg, names))
+
+
+def proposal_commands(run_dir: str, result: Mapping[str, Any]) -> str:
+    """Text: the command of each proposal in a qat.algorithms.proposal.predict_run result ("" if none)."""
+    lines = []
+    for title, prop, names in (("weights-only", result.get("proposal"), "bits"),
+                               ("weights and activation parts", result.get("part_proposal"), "weights")):
+        if prop is not None:
+            lines += ["", f"run the {title} proposal:", "  " + proposal_command(run_dir, prop.config,
+                                                                                 getattr(prop, names))]
+    return "\n".join(lines)
+
+
 def _job_log(level: int, message: str, exc_info=None) -> None:
     """Write to the job's log file(s) only (Hydra's file handler), not to the console."""
     record = logging.getLogger("qat").makeRecord("qat", level, __file__, 0, message, (), exc_info)
@@ -170,9 +232,13 @@ class CtrlC:
 
 
 def _run_job(fn, cfg, run_dir: Path, multirun: bool, ctrl_c: CtrlC):
-    """One job, its failures shaped as the module doc says."""
+    """One job, its failures shaped as the module doc says. A Ctrl-C ends the job as interrupted even
+    where the code it landed in swallowed the KeyboardInterrupt and ran on."""
     try:
-        return fn(cfg)
+        result = fn(cfg)
+        if ctrl_c.received:
+            _interrupted()
+        return result
     except UserError as e:
         message = f"error: {e}"
         _job_log(logging.ERROR, message)

@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -270,8 +270,8 @@ def run_experiment(spec: RunSpec, run_dir: str, tracker: Tracker, float_from: Op
     summary["quant/val_degradation"] = 100.0 * (summary["float/val_acc"] - summary["quant/val_acc"])
     summary.update({f"quant/test_{k}": v for k, v in flip_noise(float_correct, quant_correct).items()})
     summary.setdefault("quant/size_bytes", summary["float/size_bytes"])
-    # the physical limit: every parameter at `bits` bits, nothing else
-    summary["quant/size_limit_bytes"] = -(-summary["float/params"] * bits.bits // 8)
+    # the physical limit where the recipe gives none: every parameter at `bits` bits, nothing else
+    summary.setdefault("quant/size_limit_bytes", -(-summary["float/params"] * bits.bits // 8))
     summary["quant/size_ratio"] = summary["quant/size_bytes"] / summary["quant/size_limit_bytes"]
     summary["quant/degradation"] = 100.0 * (summary["float/test_acc"] - summary["quant/test_acc"])
     summary["quant/balanced_degradation"] = 100.0 * (summary["float/test_balanced_acc"]
@@ -348,12 +348,14 @@ def export_saved_run(spec: RunSpec, run_dir: str, export: str) -> Dict[str, Any]
     return report
 
 
-def predict_saved_run(spec: RunSpec, run_dir: str, max_drop: Optional[float] = None, verify: bool = True) -> str:
+def predict_saved_run(spec: RunSpec, run_dir: str, max_drop: Optional[float] = None,
+                      verify: bool = True) -> Tuple[str, Dict[str, Any]]:
     """`evaluate.py predict_only=true`: the predicted-drop report (qat.algorithms.predict) of a
-    finished run's float model on its features and seed, as text."""
+    finished run's float model on its features and seed, as text, and the result it was made from
+    (qat.algorithms.proposal.predict_run)."""
     Nullable(MAX_DROP)("max_drop", max_drop)
     t0 = time.perf_counter()
     feats = load_features(spec.data, spec.features, spec.cache_dir)
     model, _ = load_saved_float_model(run_dir)
     r = predict_run(model, feats, spec.predict, spec.seed, max_drop, verify)
-    return f"run {run_dir}\n" + format_report(r) + f"\n(total {time.perf_counter() - t0:.1f} s)"
+    return f"run {run_dir}\n" + format_report(r) + f"\n(total {time.perf_counter() - t0:.1f} s)", r

@@ -5,12 +5,15 @@ import dataclasses
 import re
 
 import pytest
+from omegaconf import OmegaConf
 
 from qat.algorithms.predict import PredictSpec
-from qat.config import logger_spec, run_spec
+from qat.config import logger_spec, proposal_command, proposal_overrides, run_spec
 from qat.data.datasets import DataSpec
 from qat.data.features import FeatureSpec
 from qat.errors import ConfigError
+from qat.layers.model import QuantConfig
+from qat.quant.spec import QuantSpec
 from qat.recipes.base import RECIPES, BitWidths
 from qat.tracking import LoggerSpec
 from qat.training.fit import TrainSpec
@@ -138,13 +141,80 @@ def test_bad_values_give_one_line_errors(override, needle):
     ("quant=qat_tfmot state_bits=4", "state_bits=4 is not allowed with quant.method=qat_tfmot"),
     ("quant=qat_tfmot quant.progressive_bits=[8]", "quant.progressive_bits=[8] is not allowed with quant.method="),
     ("quant=qat_lsq quant.progressive_bits=[3] bits=4", "quant.progressive_bits=[3] is not allowed: expected bit"),
-    ("quant=ptq bits=4 act_bits=1", "act_bits=1 is not allowed")])
+    ("quant=ptq bits=4 act_bits=1", "act_bits=1 is not allowed"),
+    ("quant=ptq quant.tensor_bits={lstm/kernal:3}", "quant.tensor_bits names lstm/kernal, which the model does not "
+                                                    "have: expected names among lstm/kernel, lstm/recurrent_kernel"),
+    ("quant=qat model=gru quant.tensor_bits={lstm/kernel:3}", "expected names among gru/kernel"),
+    ("quant=ptq quant.tensor_bits={lstm/kernel:1}", "quant.tensor_bits={'lstm/kernel': 1} is not allowed"),
+    ("quant=ptq quant.gate_bits=17", "quant.gate_bits=17 is not allowed"),
+    ("quant=ptq quant.integer=true act_bits=8 quant.hidden_bits=4", "quant.hidden_bits=4 is not allowed with "
+                                                                    "quant.integer=true"),
+    ("quant=qat_tfmot quant.gate_bits=4", "quant.gate_bits=4 is not allowed with quant.method=qat_tfmot")])
 def test_bad_quant_options_fail_before_any_training(override, needle):
     """Shared and recipe-specific quantization options are checked when the config is read, with a
     one-line error naming the key, not after the float model has been trained."""
     with pytest.raises(ConfigError, match=re.escape(needle)) as e:
         run_spec(composed(*override.split()))
     assert "\n" not in str(e.value)
+
+
+def test_tensor_gate_and_hidden_bits_reach_the_quant_config():
+    """quant.tensor_bits sets named weights and biases apart from `bits` (each keeping its own kind of
+    spec); gate_bits and hidden_bits set the gates and h apart from act_bits and state_bits."""
+    r = run_spec(composed("quant=ptq", "bits=4", "act_bits=8", "state_bits=6", "quant.gate_bits=5",
+                          "quant.hidden_bits=7", "quant.tensor_bits={lstm/kernel:3,dense/bias:8}")).recipe
+    cfg = r.options.quant_config(r.bits)
+    assert cfg.overrides == {"lstm/kernel": dataclasses.replace(cfg.weights, bits=3),
+                             "dense/bias": dataclasses.replace(cfg.bias, bits=8)}
+    assert (cfg.weights.bits, cfg.inputs.bits, cfg.gates.bits, cfg.state.bits, cfg.hidden.bits) == (4, 8, 5, 6, 7)
+    plain = run_spec(composed("quant=ptq", "bits=4", "act_bits=8", "state_bits=6")).recipe
+    cfg = plain.options.quant_config(plain.bits)
+    assert cfg.overrides == {} and cfg.gates.bits == 8 and cfg.hidden is None     # h as the state
+    gates_only = run_spec(composed("quant=qat", "bits=4", "quant.gate_bits=4")).recipe
+    cfg = gates_only.options.quant_config(gates_only.bits)
+    assert cfg.inputs is None and cfg.gates.bits == 4 and cfg.quantizes_activations
+
+
+LSTM_TENSORS = ["lstm/kernel", "lstm/recurrent_kernel", "lstm/bias", "dense/kernel", "dense/bias"]
+
+
+def _specs_of(cfg, names):
+    """Every named weight's spec and the activation parts' specs (a percentile an estimator does not
+    use left out)."""
+    def used(spec):
+        return spec if spec is None or spec.estimator == "percentile" else dataclasses.replace(spec, percentile=100)
+    return ({n: used(cfg.overrides.get(n, cfg.bias if n.endswith("/bias") else cfg.weights)) for n in names},
+            [used(getattr(cfg, part)) for part in ("inputs", "gates", "state", "hidden")])
+
+
+def _proposal(parts: bool) -> QuantConfig:
+    """A config as qat.algorithms.proposal proposes one: per-tensor round-to-nearest weights at
+    their own bits, biases at 8, activation parts (per channel, percentile) at theirs."""
+    w = QuantSpec(4, "asymmetric", "per_tensor", -1, "minmax")
+    act = lambda b: QuantSpec(b, "asymmetric", "per_channel", -1, "percentile", 99.9) if parts else None
+    bits = {"lstm/kernel": 5, "lstm/recurrent_kernel": 4, "lstm/bias": 8, "dense/kernel": 3, "dense/bias": 8}
+    return QuantConfig(weights=w, bias=QuantSpec(4), overrides={n: dataclasses.replace(w, bits=b) if "kernel" in n
+                                                                 else QuantSpec(b) for n, b in bits.items()},
+                       inputs=act(5), gates=act(4), state=act(7), hidden=act(4))
+
+
+@pytest.mark.parametrize("parts", [False, True])
+def test_a_proposals_command_composes_into_the_proposed_config(parts):
+    """Hydra composes the printed overrides into a ptq_seed run whose QuantConfig quantizes every
+    tensor and activation part exactly as the proposal does."""
+    proposal = _proposal(parts)
+    r = run_spec(composed(*proposal_overrides(proposal, LSTM_TENSORS))).recipe
+    assert r.method == "ptq_seed"
+    assert _specs_of(r.options.quant_config(r.bits), LSTM_TENSORS) == _specs_of(proposal, LSTM_TENSORS)
+
+
+def test_a_proposals_command_keeps_the_runs_data_model_and_seed(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(["data=fsdd", "model.units=32", "seed=2", "quant=qat", "bits=2", "act_bits=4",
+                                     "quant.epochs=3", "hydra.run.dir=somewhere"]), tmp_path / ".hydra" / "overrides.yaml")
+    cmd = proposal_command(str(tmp_path), _proposal(True), LSTM_TENSORS)
+    assert cmd.startswith("python train.py data=fsdd model.units=32 seed=2 bits=3 quant=ptq_seed ")
+    assert not any(k in cmd for k in ("quant=qat", "quant.epochs", "hydra.run.dir", "act_bits=4", "bits=2"))
 
 
 # qat_tfmot and the TFLite-exact presets fix activation / state quantization themselves (and refuse the settings)

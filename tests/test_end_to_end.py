@@ -312,5 +312,8 @@ def test_qat_for_tflite_writes_the_model_the_interpreter_runs(speech_commands_ro
     assert s["tflite/agreement"] >= 0.9 and abs(s["tflite/test_acc"] - s["quant/test_acc"]) <= 0.1
     assert s["tflite/size_bytes"] == (run_dir / "model_tflite_int8_b4.tflite").stat().st_size == s["quant/size_bytes"]
     assert (run_dir / "model_tflite_int8_b4_stream.tflite").exists() and s["tflite/latency_ms"] > 0
+    # the prediction is of this run's model (the fine-tuned twin), fitted on its int8 logits
+    assert s["predict/matches_run"] and s["predict/degradation"] >= 0 and 0 < s["predict/shrink"] < 2
+    assert s["predict/of"].startswith("the run's model") and (run_dir / "predict_margins.npz").exists()
     for noise in NOISE:
         assert noise not in proc.stdout + proc.stderr, noise

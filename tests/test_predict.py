@@ -17,17 +17,20 @@ import tensorflow as tf
 import tf_keras as keras
 from omegaconf import OmegaConf
 
-from qat.algorithms.calibration import batches, calibrate
-from qat.algorithms.predict import (PREDICT_MARGINS_FILE, MarginFit, calibration_set, config_variance, drop_table,
-                                    expected_drop, fit_margins, fitted_drop, margin_temperature, output_margins,
-                                    packed_size, predict_drop, predict_run_model, predict_summary,
-                                    probability_correct, propose_mixed, sensitivity, strongest_rivals,
-                                    weight_config)
-from qat.algorithms.proposal import PARTS, format_report, measure_part_noise, predict_run, propose_with_parts
+from qat.algorithms.calibration import batches, calibrate, calibration_clips
+from qat.algorithms.predict import (PREDICT_MARGINS_FILE, PTQ_VALIDATED, MarginFit, ValidatedRange, calibration_set,
+                                    config_variance, drop_table, expected_drop, fit_margins, fitted_drop,
+                                    margin_temperature, measured_drop, output_margins, packed_size, predict_drop,
+                                    predict_run_model, predict_summary, probability_correct, propose_mixed,
+                                    sensitivity, strongest_rivals, weight_config)
+from qat.algorithms.proposal import (PART_CALIBRATION_CLIPS, PARTS, format_report, measure_part_noise, predict_run,
+                                     propose_with_parts)
+from qat.config import proposal_overrides
 from qat.data.features import load_features
 from qat.errors import ConfigError, DataError
 from qat.experiment import train_float
-from qat.layers.model import QuantConfig, freeze_ranges, quantize_model, weight_tensor_names
+from qat.layers.model import QuantConfig, freeze_ranges, quantize_model, quantized_weights, weight_tensor_names
+from qat.metrics import predict_classes
 from qat.quant.spec import QuantSpec
 from qat.tracking import Tracker
 from qat.training.checkpoints import save_model_dir
@@ -345,6 +348,26 @@ def test_bad_input_is_a_config_error(trained):
         propose_mixed(sens, "one")
 
 
+def test_the_printed_command_of_a_proposal_runs_the_model_its_verification_measured(trained, tmp_path):
+    """A joint proposal (bits per tensor, inputs / gates / cell / hidden bits) run by the ptq_seed
+    recipe from the overrides evaluate.py prints is the model the proposal's verification measured:
+    the same test accuracy, every tensor at its own bits, and a size limit counting each at its own."""
+    model, feats, _, sens, (x, y) = trained
+    w = QuantSpec(4, "asymmetric", "per_tensor", -1, "minmax")
+    act = lambda b: QuantSpec(b, "asymmetric", "per_channel", -1, "percentile", 99.9)
+    bits = {"lstm/kernel": 5, "lstm/recurrent_kernel": 4, "lstm/bias": 8, "dense/kernel": 3, "dense/bias": 8}
+    proposal = QuantConfig(weights=w, overrides={n: replace(w, bits=b) for n, b in bits.items()},
+                           inputs=act(6), gates=act(5), state=act(8), hidden=act(4))
+    calib = calibration_clips(feats.x["train"], PART_CALIBRATION_CLIPS, 0)
+    verified = measured_drop(model, proposal, feats.x["test"], feats.y["test"], calib=calib)
+    overrides = [o for o in proposal_overrides(proposal, sens.names) if not o.startswith("quant=")]
+    recipe = specs.recipe("ptq_seed", *overrides)
+    result = recipe.run(specs.context(model, feats, recipe, tmp_path))
+    assert np.mean(predict_classes(result.model, feats.x["test"]) == feats.y["test"]) == verified["quant_acc"]
+    assert {n: q.spec.bits for n, q in quantized_weights(result.model).items()} == bits
+    assert result.summary["quant/size_limit_bytes"] == -(-sum(sens.weights[n].size * b for n, b in bits.items()) // 8)
+
+
 @pytest.mark.slow
 def test_evaluate_predict_only(trained, tmp_path):
     """`python evaluate.py run_dir=... predict_only=true max_drop=...` on a saved run folder."""
@@ -364,6 +387,9 @@ def test_evaluate_predict_only(trained, tmp_path):
     assert "| bits | per_tensor drop | per_channel drop" in out
     assert all(f"\n| {b} |" in out for b in range(2, 9))
     assert "mixed precision under a predicted drop of 3 points" in out and "verified by PTQ on the test split" in out
+    commands = [line.strip() for line in out.splitlines() if line.strip().startswith("python train.py ")]
+    assert len(commands) == 2 and all(" quant=ptq_seed " in c for c in commands)
+    assert "quant.tensor_bits={" in commands[0] and " act_bits=" in commands[1]
 
 
 # ------------------------------------------------------------------ the run's own model (fitted margins)
@@ -443,7 +469,7 @@ def test_run_model_prediction_of_the_float_model_is_zero(trained, tmp_path):
     """The float model as its own 'quantized' model: shrink 1, no noise, no drop."""
     model, feats, _, _, _ = trained
     spec = specs.predict(calib="val", n_calib=128)
-    out = predict_run_model(model, model, feats, weight_config(4), spec, 0)
+    out = predict_run_model(model, model, feats, weight_config(4), spec, 0, PTQ_VALIDATED)
     assert out["predict/shrink"] == pytest.approx(1.0, abs=1e-5) and out["predict/noise_scale"] < 1e-6
     assert abs(out["predict/degradation"]) < 0.1 and out["predict/matches_run"]
 
@@ -456,7 +482,7 @@ def test_run_model_prediction_follows_the_model_that_runs(trained, tmp_path):
     w3 = _quant_config("bits=3")
     q_w = quantize_model(model, w3)
     path = tmp_path / PREDICT_MARGINS_FILE
-    out = predict_run_model(model, q_w, feats, w3, spec, 0, margins_file=str(path))
+    out = predict_run_model(model, q_w, feats, w3, spec, 0, PTQ_VALIDATED, str(path))
     assert {"predict/degradation", "predict/rtn_degradation", "predict/shrink", "predict/noise_scale",
             "predict/in_validated_range", "predict/validated_bits"} <= set(out)
     assert out["predict/noise_shape"] == "gradients" and out["predict/of"].endswith("fitted on 128 train clips")
@@ -471,11 +497,23 @@ def test_run_model_prediction_follows_the_model_that_runs(trained, tmp_path):
     q_wa = quantize_model(model, wa3)
     calibrate(q_wa, batches(feats.x["train"][:256]))
     freeze_ranges(q_wa)
-    both = predict_run_model(model, q_wa, feats, wa3, spec, 0)
+    both = predict_run_model(model, q_wa, feats, wa3, spec, 0, PTQ_VALIDATED)
     assert out["predict/in_validated_range"] and not both["predict/in_validated_range"]      # 3-bit activations
     assert "activations float or >= 8 bits" in both["predict/validated_range"]
     assert both["predict/noise_scale"] > out["predict/noise_scale"]
     assert both["predict/degradation"] > out["predict/degradation"]
+
+
+def test_a_recipe_family_measured_nowhere_puts_every_run_outside_the_validated_range():
+    w4 = weight_config(4)
+    assert PTQ_VALIDATED.contains(w4) and not PTQ_VALIDATED.contains(weight_config(2))
+    unmeasured = ValidatedRange("qat", None)
+    assert not unmeasured.contains(w4) and unmeasured.describe() == "not measured for qat"
+    assert not ValidatedRange("ptq", (3, 8), state_bits=8).contains(_quant_config("bits=4", "state_bits=4"))
+    weights_only = ValidatedRange("qat", (3, 8))
+    assert weights_only.contains(w4) and not weights_only.contains(_quant_config("bits=4", "act_bits=8"))
+    assert weights_only.describe() == "qat: 3..8 weight bits, activations float, state float"
+    assert not PTQ_VALIDATED.contains(QuantConfig(weights=QuantSpec(4), overrides={"dense/kernel": QuantSpec(2)}))
 
 
 def test_a_model_the_gradient_pass_cannot_follow_gets_a_uniform_fit(trained):
@@ -486,6 +524,7 @@ def test_a_model_the_gradient_pass_cannot_follow_gets_a_uniform_fit(trained):
     out = keras.layers.Dense(len(feats.class_names), activation="softmax")(keras.layers.Flatten()(h))
     model = keras.Model(inputs, out)
     cfg = _quant_config("bits=3")
-    got = predict_run_model(model, quantize_model(model, cfg), feats, cfg, specs.predict(calib="val"), 0)
+    got = predict_run_model(model, quantize_model(model, cfg), feats, cfg, specs.predict(calib="val"), 0,
+                            PTQ_VALIDATED)
     assert got["predict/noise_shape"] == "uniform" and isinstance(got["predict/degradation"], float)
     assert "'conv' (DepthwiseConv2D)" in got["predict/unsupported"]

@@ -15,8 +15,8 @@ from qat.export.tflite_trained import (LSTM_CELL_STATE, LSTM_INPUT_WEIGHTS, LSTM
                                        TFLiteStream, check_integer_only, float_ops, streaming_tflite,
                                        trained_tflite, twin_weights)
 from qat.layers.model import freeze_ranges, quantized_weights
-from qat.layers.tflite_int8 import (GATE_STEP, TfliteScheme, folded_float_model, on_grid, tflite_twin,
-                                    twin_layers)
+from qat.layers.tflite_int8 import (GATE_STEP, SOFTMAX_STEP, TfliteScheme, folded_float_model, logits_model,
+                                    on_grid, tflite_twin, twin_layers)
 from qat.quant.quantizers import GateBlockWeightQuantizer
 from qat.quant.spec import QuantSpec
 from qat.training.models import build_model
@@ -117,6 +117,18 @@ def test_twin_at_8_bits_is_close_to_the_float_model():
     p_float, p_twin = model.predict(x, verbose=0), twin.predict(x, verbose=0)
     assert np.abs(p_float - p_twin).max() < 0.05
     assert np.mean(p_float.argmax(1) == p_twin.argmax(1)) >= 0.95
+
+
+def test_the_logits_model_gives_the_int8_logits_the_twin_decides_from():
+    """The twin's probabilities are the softmax of the logits model's outputs on the 1/256 grid; the
+    logits lie on the int8 grid of the `output` quantizer."""
+    _, twin, x = _trained_twin(bits=4)
+    logits = logits_model(twin).predict(x, verbose=0)
+    np.testing.assert_allclose(on_grid(tf.nn.softmax(logits), SOFTMAX_STEP, 0, 255).numpy(),
+                               twin.predict(x, verbose=0), atol=1e-6)
+    _, step, zero_point = twin_layers(twin)[1].activation_quantizers["output"].params()
+    codes = logits / step.numpy() + zero_point.numpy()
+    assert np.abs(codes - np.round(codes)).max() < 1e-3 and len(np.unique(np.round(codes))) <= 256
 
 
 def test_qat_gradients_reach_every_weight_through_the_grids():

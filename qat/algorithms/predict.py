@@ -81,7 +81,7 @@ from qat.quant.reference import fake_quant_np
 from qat.quant.spec import ESTIMATOR, GRANULARITY, PERCENTILE, SCHEME, QuantSpec
 
 PREDICT_BITS = tuple(range(2, 9))   # the bit-widths the drop table and the mixed proposal cover by default
-PREDICT_MARGINS_FILE = "predict_margins.npz"   # per-clip margins a PTQ run's prediction was fitted on
+PREDICT_MARGINS_FILE = "predict_margins.npz"   # per-clip margins a run's prediction was fitted on
 MAX_DROP = Number(0, expected="a number of points >= 0")
 
 
@@ -418,25 +418,42 @@ def predict_drop(float_model, x_calib: np.ndarray, y_calib: np.ndarray, cfg: Qua
 
 
 VALIDATED_BITS = (3, 16)    # weight bits where the prediction's error was measured to be small (BENCHMARKS.md)
-# Where the prediction of a run's own model was measured (BENCHMARKS.md, "Predicted degradation"):
-# weight bits, and activation (layer inputs, gates) and state grids of at least these bits (or float)
-RUN_MODEL_VALIDATED_BITS = (3, 8)
-RUN_MODEL_VALIDATED_ACT_BITS = 8
-RUN_MODEL_VALIDATED_STATE_BITS = 4
+
+
+@dataclass(frozen=True)
+class ValidatedRange:
+    """Where the prediction of a run's own model was measured against test drops (BENCHMARKS.md,
+    "Predicted degradation"), for one family of recipes: weight bits, and activation (layer inputs,
+    gates) and state grids of at least these bits (None: measured float only). `recipes` names the
+    family; a family measured nowhere has `bits` None (every run outside)."""
+
+    recipes: str
+    bits: Optional[Tuple[int, int]]
+    act_bits: Optional[int] = None
+    state_bits: Optional[int] = None
+
+    def contains(self, cfg: QuantConfig) -> bool:
+        weight_bits = [cfg.weights.bits, *(s.bits for s in cfg.overrides.values())]
+        grid_ok = lambda specs, low: all(s is None or (low is not None and s.bits >= low) for s in specs)
+        return self.bits is not None and all(self.bits[0] <= b <= self.bits[1] for b in weight_bits) \
+            and grid_ok((cfg.inputs, cfg.gates), self.act_bits) and grid_ok((cfg.state, cfg.hidden), self.state_bits)
+
+    def describe(self) -> str:
+        if self.bits is None:
+            return f"not measured for {self.recipes}"
+        low, high = self.bits
+        grid = lambda what, b: f"{what} float" + (f" or >= {b} bits" if b is not None else "")
+        return f"{self.recipes}: {low}..{high} weight bits, {grid('activations', self.act_bits)}, " \
+               f"{grid('state', self.state_bits)}"
+
+
+PTQ_VALIDATED = ValidatedRange("ptq", (3, 8), act_bits=8, state_bits=4)
+QAT_VALIDATED = ValidatedRange("qat", None)
+TFLITE_VALIDATED = ValidatedRange("ptq_tflite / qat_tflite", None)
 # The softmax temperature of the flip values in a run's prediction: the model's own confidence. A
 # temperature fitted on the calibration labels (`margin_temperature`) predicted worse on the
 # selection subset (seed 0 of the benchmark grid, BENCHMARKS.md).
 RUN_MODEL_TEMPERATURE = 1.0
-
-
-def run_model_validated(cfg: QuantConfig) -> Tuple[bool, str]:
-    """Whether `cfg` lies where `predict_run_model`'s error was measured, and that range in words."""
-    low, high = RUN_MODEL_VALIDATED_BITS
-    inside = low <= cfg.weights.bits <= high \
-        and all(s is None or s.bits >= RUN_MODEL_VALIDATED_ACT_BITS for s in (cfg.inputs, cfg.gates)) \
-        and all(s is None or s.bits >= RUN_MODEL_VALIDATED_STATE_BITS for s in (cfg.state, cfg.hidden))
-    return inside, (f"{low}..{high} weight bits, activations float or >= {RUN_MODEL_VALIDATED_ACT_BITS} bits, "
-                    f"state float or >= {RUN_MODEL_VALIDATED_STATE_BITS} bits")
 
 
 def predicted_model(cfg: QuantConfig) -> str:
@@ -587,8 +604,9 @@ def expected_drop(float_margins: np.ndarray, variance: np.ndarray, fit: MarginFi
 
 
 def predict_run_model(float_model, qmodel, feats, cfg: QuantConfig, spec: "PredictSpec", seed: int,
-                      of: str = "the run's model", margins_file: Optional[str] = None) -> Dict[str, object]:
-    """The `predict/*` summary keys for the model a run actually evaluates (`qmodel`: whatever
+                      validated: ValidatedRange, margins_file: Optional[str] = None) -> Dict[str, object]:
+    """The `predict/*` summary keys for the model a run actually evaluates (`qmodel`, or a model of
+    its logits: whatever
     rounding, GPTQ, refinement, bias correction, activation, gate and state grids it has), before
     any test clip is seen: the round-to-nearest noise model of the float model (`predict_summary`)
     gives each calibration margin its spread, one pass of `qmodel` over the same calibration
@@ -599,7 +617,8 @@ def predict_run_model(float_model, qmodel, feats, cfg: QuantConfig, spec: "Predi
     `predict/rtn_degradation` keeps the float-model-only prediction (round-to-nearest weights).
     A model the gradient pass cannot follow gets the same fit with equal spread for every margin
     (`predict/noise_shape` = "uniform"). `margins_file`: where to save the per-clip margins,
-    variances and correctness (npz) for a study of the predictor."""
+    variances and correctness (npz) for a study of the predictor. `validated`: where predictions of
+    the run's recipe family were measured (`predict/in_validated_range`, `predict/validated_range`)."""
     t0 = time.perf_counter()
     x, y = calibration_set(feats.x[spec.calib], feats.y[spec.calib], spec.n_calib, seed)
     rtn = predict_summary(float_model, feats, cfg, spec, seed, False)
@@ -612,12 +631,10 @@ def predict_run_model(float_model, qmodel, feats, cfg: QuantConfig, spec: "Predi
                        spec.competitors)
         rivals, variance = sens.rivals, config_variance(sens, cfg.weights_only())
     quant_out = np.asarray(predict(qmodel, x), np.float64)
-    softmax = softmax_output(float_model)
-    m_float = output_margins(float_out, y, rivals, softmax)
-    m_quant = output_margins(quant_out, y, rivals, softmax)
+    m_float = output_margins(float_out, y, rivals, softmax_output(float_model))
+    m_quant = output_margins(quant_out, y, rivals, softmax_output(qmodel))
     correct = np.argmax(float_out, axis=1) == y
     fit = fit_margins(m_float, m_quant, variance)
-    inside, validated_range = run_model_validated(cfg)
     drop = expected_drop(m_float, variance, fit, RUN_MODEL_TEMPERATURE)
     if margins_file is not None:
         with atomic_path(margins_file) as tmp:
@@ -627,10 +644,11 @@ def predict_run_model(float_model, qmodel, feats, cfg: QuantConfig, spec: "Predi
             "predict/degradation": drop, "predict/rtn_degradation": rtn["predict/degradation"],
             "predict/shrink": fit.shrink, "predict/noise_scale": fit.noise_scale,
             "predict/noise_shape": "uniform" if rtn["predict/degradation"] is None else "gradients",
-            "predict/of": f"{of}, fitted on {len(y)} {spec.calib} clips", "predict/matches_run": True,
+            "predict/of": f"the run's model, fitted on {len(y)} {spec.calib} clips", "predict/matches_run": True,
             "predict/weights_only": False, "predict/calibration_clips": len(y), "predict/calibration_split": spec.calib,
-            "predict/in_validated_range": inside, "predict/validated_bits": list(RUN_MODEL_VALIDATED_BITS),
-            "predict/validated_range": validated_range, "time/predict_s": time.perf_counter() - t0}
+            "predict/in_validated_range": validated.contains(cfg),
+            "predict/validated_bits": list(validated.bits) if validated.bits else None,
+            "predict/validated_range": validated.describe(), "time/predict_s": time.perf_counter() - t0}
 
 
 def weight_config(bits: int, granularity: str = "per_tensor", scheme: str = "asymmetric",

@@ -275,6 +275,25 @@ class TfliteDense(QuantizedLayer, keras.layers.Layer):
                 "bits": s.bits, "estimator": s.estimator, "act_estimator": s.act_estimator, "percentile": s.percentile}
 
 
+class _TfliteLogits(keras.layers.Layer):
+    """A TfliteDense's int8 logits (before its softmax and the 1/256 probability grid)."""
+
+    def __init__(self, dense: "TfliteDense", **kwargs):
+        super().__init__(**kwargs)
+        object.__setattr__(self, "dense", dense)
+
+    def call(self, inputs):
+        return self.dense.activation_quantizers["output"](self.dense._logits(inputs))
+
+
+def logits_model(twin) -> keras.Model:
+    """The twin up to its int8 logits, sharing its layers: the margins its decisions come from (its
+    probabilities on the 1/256 grid are 0 for every clearly wrong class, which carries no margin)."""
+    _, dense = twin_layers(twin)
+    return keras.Model(twin.input, _TfliteLogits(dense, name=f"{dense.name}_logits")(dense.input),
+                       name=f"{twin.name}_logits")
+
+
 def twin_layers(twin):
     """(the TfliteLSTM, the TfliteDense) of a `tflite_twin` model."""
     lstm = [layer for layer in twin.layers if isinstance(layer, TfliteLSTM)]

@@ -19,7 +19,7 @@ import numpy as np
 from qat.algorithms.calibration import calibration_clips
 from qat.algorithms.predict import PredictSpec
 from qat.algorithms.report import REPORT_COLUMNS, report_rows, report_summary, weight_report
-from qat.checks import Bits, Checked, Flag, Integer, Nullable, OneOf, setting
+from qat.checks import Bits, Checked, Flag, Integer, MappingOf, Nullable, OneOf, setting
 from qat.data.datasets import DataSpec
 from qat.data.features import Features, FeatureSpec
 from qat.errors import ConfigError
@@ -27,14 +27,14 @@ from qat.export.c_source import export_c
 from qat.export.integer import IntegerModel, integer_inputs, integer_summary
 from qat.export.packed import write_packed_model
 from qat.export.tflite import tflite_model
-from qat.layers.model import INTEGER_TOPOLOGY, QuantConfig, integer_modes
+from qat.layers.model import INTEGER_TOPOLOGY, QuantConfig, integer_modes, quantized_weights, weight_tensor_names
 from qat.quant.integer import ACT_BITS, STATE_BITS
 from qat.quant.quantizers import RANGE, Strategy
 from qat.quant.scale_codes import SCALE_BITS
 from qat.quant.spec import ESTIMATOR, GRANULARITY, PERCENTILE, SCHEME, QuantSpec
 from qat.tracking import Tracker
 from qat.training.fit import TrainSpec
-from qat.training.models import ModelSpec
+from qat.training.models import ModelSpec, build_model
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,6 @@ class BitWidths(Checked):
     bits: int = setting(Bits())                               # weights
     act_bits: Optional[int] = setting(Nullable(Bits()))      # layer inputs and gates; None = float
     state_bits: Optional[int] = setting(Nullable(Bits()))    # recurrent cell and hidden state; None = float
-
-    @property
-    def quantizes_activations(self) -> bool:
-        return self.act_bits is not None or self.state_bits is not None
 
 
 @dataclass(frozen=True)
@@ -70,6 +66,10 @@ class QuantOptions(Checked):
     narrow_range: bool = setting(Flag())          # symmetric only: [-(2^(b-1)-1), 2^(b-1)-1]
     scale_bits: Optional[int] = setting(SCALE_BITS)   # weights: scales stored as k-bit codes; null = float32
     bias: bool = setting(Flag())                  # quantize biases too (at `bits`, per tensor) or keep them float
+    # bits of named weights / biases, e.g. {lstm/kernel: 5}; None: every one at `bits`
+    tensor_bits: Optional[Mapping[str, int]] = setting(Nullable(MappingOf(Bits())))
+    gate_bits: Optional[int] = setting(Nullable(Bits()))     # the gates' grid where it differs from act_bits
+    hidden_bits: Optional[int] = setting(Nullable(Bits()))   # the hidden state h's grid where it differs from state_bits
     act_scheme: str = setting(SCHEME)             # activations and state
     act_granularity: str = setting(GRANULARITY)   # activations and state: per_tensor | per_channel (feature / unit)
     act_estimator: str = setting(ESTIMATOR)
@@ -83,11 +83,16 @@ class QuantOptions(Checked):
         weights = QuantSpec(bits.bits, self.scheme, self.granularity, -1, self.estimator, self.percentile,
                             self.narrow_range, self.scale_bits)
         bias = QuantSpec(bits.bits, self.scheme, "per_tensor", -1, "minmax", narrow_range=self.narrow_range,
-                         scale_bits=self.scale_bits) if self.bias else None
+                         scale_bits=self.scale_bits)
         act = lambda b: None if b is None else QuantSpec(b, self.act_scheme, self.act_granularity, -1,
                                                         self.act_estimator, self.percentile)
-        return QuantConfig(weights=weights, bias=bias, inputs=act(bits.act_bits), gates=act(bits.act_bits),
-                           state=act(bits.state_bits), strategy=strategy)
+        # a named bias is quantized at its bits even where `bias` is false
+        overrides = {name: dataclasses.replace(bias if name.endswith("/bias") else weights, bits=b)
+                     for name, b in (self.tensor_bits or {}).items()}
+        return QuantConfig(weights=weights, bias=bias if self.bias else None, inputs=act(bits.act_bits),
+                           gates=act(bits.act_bits if self.gate_bits is None else self.gate_bits),
+                           state=act(bits.state_bits), hidden=act(self.hidden_bits), strategy=strategy,
+                           overrides=overrides)
 
     def integer_config(self, bits: BitWidths, strategy: Strategy) -> QuantConfig:
         """Integer mode: what the integer kernel computes with. Weights symmetric (no zero points) at
@@ -95,6 +100,13 @@ class QuantOptions(Checked):
         gates and hidden state on act_bits grids; the cell state at state_bits (16 when null) with a
         power-of-two scale from its calibrated range (act_estimator); biases int32. `scheme`,
         `act_scheme`, `act_granularity` and `bias` do not apply."""
+        mixed = {"quant.tensor_bits": self.tensor_bits, "quant.gate_bits": self.gate_bits,
+                 "quant.hidden_bits": self.hidden_bits}
+        for name, value in mixed.items():
+            if value is not None:
+                raise ConfigError(f"{name}={value} is not allowed with quant.integer=true: expected "
+                                  "null (the integer kernel holds "
+                                  "every weight at `bits`, gates and h at act_bits)")
         if bits.act_bits is None:
             raise ConfigError("quant.integer=true needs act_bits: expected act_bits=2..8 (the integer kernel's "
                               "inputs, gates and hidden state)")
@@ -109,6 +121,14 @@ class QuantOptions(Checked):
                                                              self.act_estimator, self.percentile),
                            state=QuantSpec(state_bits, "symmetric", "per_tensor", -1, self.act_estimator,
                                            self.percentile), strategy=strategy, integer=True)
+
+
+def check_tensor_names(tensor_bits: Mapping[str, int], names) -> None:
+    """`quant.tensor_bits` names only weights and biases the model has (one-line ConfigError)."""
+    unknown = sorted(set(tensor_bits) - set(names))
+    if unknown:
+        raise ConfigError(f"quant.tensor_bits names {', '.join(unknown)}, which the model does not have: expected "
+                          f"names among {', '.join(names)}")
 
 
 def tflite_int8_us_per_clip(float_model, feats: Features, seed: int, clips: int = 100) -> float:
@@ -136,6 +156,14 @@ def integer_results(ctx: "RecipeContext", qmodel, packed: Path) -> Dict[str, Any
     return summary
 
 
+def size_limit_bytes(qmodel, params: int, bits: int) -> int:
+    """The physical limit of a model's weights: each quantized tensor's values at its own bits, every
+    other parameter at `bits`, nothing else."""
+    sizes = [(int(np.size(q.codes)), q.spec.bits) for q in quantized_weights(qmodel).values()]
+    total = sum(n * b for n, b in sizes) + (params - sum(n for n, _ in sizes)) * bits
+    return -(-total // 8)
+
+
 def quantized_result(ctx: "RecipeContext", qmodel, integer: bool, summary: Dict[str, Any],
                      check_packed: Optional[Callable[[Path], Dict[str, Any]]] = None) -> "RecipeResult":
     """How every recipe that quantizes with qat.layers ends: the per-tensor error report, the packed
@@ -145,6 +173,7 @@ def quantized_result(ctx: "RecipeContext", qmodel, integer: bool, summary: Dict[
     summary.update(report_summary(report, qmodel))
     packed = ctx.run_dir / f"model_{ctx.bits.bits}bit.qlstm"
     summary["quant/size_bytes"] = write_packed_model(qmodel, str(packed))
+    summary["quant/size_limit_bytes"] = size_limit_bytes(qmodel, ctx.float_model.count_params(), ctx.bits.bits)
     if check_packed is not None:
         summary.update(check_packed(packed))
     if integer:
@@ -209,9 +238,15 @@ class Recipe:
             raise ConfigError(f"quant.integer=true is not allowed with model.bidirectional="
                               f"{str(model.bidirectional).lower()}, model.conv_filters={model.conv_filters}: "
                               f"expected {INTEGER_TOPOLOGY} (model=lstm or model=gru)")
+        if isinstance(options, QuantOptions) and options.tensor_bits and model.path is None:
+            # layer names are build_model's contract; any input shape the front end accepts shows them
+            probe = build_model((max(model.conv_kernel[0], 2), max(model.conv_kernel[1], 2)), 2, model)
+            check_tensor_names(options.tensor_bits, weight_tensor_names(probe))
 
     def check_float_model(self, float_model, bits: BitWidths, options) -> None:
         """Rules on a loaded float model (the user's), before any data is read."""
+        if isinstance(options, QuantOptions) and options.tensor_bits:
+            check_tensor_names(options.tensor_bits, weight_tensor_names(float_model))
         if isinstance(options, QuantOptions) and options.integer:
             integer_modes(float_model, options.quant_config(bits))
 

@@ -19,7 +19,7 @@ import numpy as np
 from qat.algorithms.bias_correction import bias_correct
 from qat.algorithms.calibration import batches, calibrate, calibration_clips
 from qat.algorithms.gptq import gptq
-from qat.algorithms.predict import PREDICT_MARGINS_FILE, predict_run_model
+from qat.algorithms.predict import PREDICT_MARGINS_FILE, PTQ_VALIDATED, predict_run_model
 from qat.algorithms.rounding import refine_rounding
 from qat.checks import Flag, Integer, Number, setting
 from qat.layers.model import freeze_ranges, quantize_model
@@ -90,13 +90,13 @@ class Ptq(Recipe):
         if opts.refine_epochs:
             refined = refine_rounding(model, qmodel, calib, opts.refine_epochs, opts.refine_learning_rate, ctx.seed)
             summary.update({f"ptq/refine/{k}": v for k, v in refined.items()})
-        if bits.quantizes_activations:
+        if opts.quant_config(bits).quantizes_activations:
             calibrate(qmodel, batches(calib))
         freeze_ranges(qmodel)          # the evaluated model is the deployable one (see export)
         # The predicted drop (float and quantized model on calibration clips, never test) sits next
         # to the measured one.
         summary.update(predict_run_model(model, qmodel, feats, opts.quant_config(bits), ctx.predict, ctx.seed,
-                                         margins_file=str(ctx.run_dir / PREDICT_MARGINS_FILE)))
+                                         PTQ_VALIDATED, str(ctx.run_dir / PREDICT_MARGINS_FILE)))
         return quantized_result(ctx, qmodel, opts.integer, summary)
 
 

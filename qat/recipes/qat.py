@@ -22,7 +22,7 @@ import numpy as np
 import tf_keras as keras
 
 from qat.algorithms.calibration import batches, calibrate, calibration_clips
-from qat.algorithms.predict import predict_summary
+from qat.algorithms.predict import PREDICT_MARGINS_FILE, QAT_VALIDATED, predict_run_model
 from qat.checks import Bits, Flag, Integer, ListOf, Nullable, Number, rejected, setting
 from qat.data.augment import training_data
 from qat.export.packed import model_from_packed
@@ -57,7 +57,7 @@ class QatOptions(QuantOptions):
     def schedule(self, bits: BitWidths) -> Tuple[int, float, str]:
         """(epochs, learning rate, name of the learning-rate setting) for what `bits` quantizes:
         quantized activations or state need their own (`act_*`), weights alone the plain ones."""
-        if bits.quantizes_activations:
+        if self.quant_config(bits).quantizes_activations:
             return self.act_epochs, self.act_learning_rate, "quant.act_learning_rate"
         return self.epochs, self.learning_rate, "quant.learning_rate"
 
@@ -111,20 +111,18 @@ class Qat(Recipe):
         """Fine-tune the fake-quant twin, stage by stage when bits are lowered progressively, then
         freeze the ranges, report and export packed weights."""
         model, feats, bits = ctx.float_model, ctx.feats, ctx.bits
-        # what QAT starts from, predicted before fine-tuning: not the model this run ends with
-        start = predict_summary(model, feats, opts.quant_config(bits), ctx.predict, ctx.seed, False,
-                                "the PTQ starting point of QAT")
         set_seed(ctx.seed)
         calib = calibration_clips(feats.x["train"], opts.calibration_size, ctx.seed)
         stages: List[int] = list(opts.progressive_bits) + [bits.bits]
         epochs, learning_rate, learning_rate_key = opts.schedule(bits)
         qmodel, history, seconds = None, [], []
         for stage_bits in stages:
-            twin = quantize_model(model, opts.quant_config(dataclasses.replace(bits, bits=stage_bits), opts.strategy))
+            twin_cfg = opts.quant_config(dataclasses.replace(bits, bits=stage_bits), opts.strategy)
+            twin = quantize_model(model, twin_cfg)
             if qmodel is not None:
                 copy_shadow_weights(qmodel, twin)
             qmodel = twin
-            if bits.quantizes_activations:
+            if twin_cfg.quantizes_activations:
                 calibrate(qmodel, batches(calib))
             callbacks = [FreezeRangesAfter(opts.freeze_ranges_after, qmodel)] \
                 if opts.freeze_ranges_after and stage_bits == bits.bits else []
@@ -139,11 +137,13 @@ class Qat(Recipe):
             history.append({"bits": stage_bits, **result})
             seconds.append(result["sec_per_epoch"])
         freeze_ranges(qmodel)
+        cfg = opts.quant_config(bits, opts.strategy)
         summary: Dict[str, Any] = {"qat/epochs": sum(h["epochs"] for h in history), "qat/max_epochs": epochs,
                                    "qat/learning_rate": learning_rate, "qat/sec_per_epoch": float(np.median(seconds)),
                                    "qat/stages": stages, "qat/learned": opts.learned,
-                                   "qat/best_epoch": history[-1]["best_epoch"], **start}
-        cfg = opts.quant_config(bits, opts.strategy)
+                                   "qat/best_epoch": history[-1]["best_epoch"],
+                                   **predict_run_model(model, qmodel, feats, cfg, ctx.predict, ctx.seed, QAT_VALIDATED,
+                                                       str(ctx.run_dir / PREDICT_MARGINS_FILE))}
         return quantized_result(ctx, qmodel, opts.integer, summary, lambda path: {
             "qat/packed_matches": packed_predictions_match(qmodel, model, cfg, path, feats.x["test"])})
 

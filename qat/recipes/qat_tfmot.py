@@ -8,6 +8,7 @@ from typing import Any, Dict
 
 import numpy as np
 
+from qat.algorithms.predict import PREDICT_MARGINS_FILE, QAT_VALIDATED, predict_run_model
 from qat.algorithms.report import max_levels
 from qat.data.augment import training_data
 from qat.errors import ConfigError
@@ -25,7 +26,8 @@ class QatTfmot(Recipe):
         super().check(opts, bits)
         unsupported = {"state_bits": bits.state_bits, "quant.progressive_bits": list(opts.progressive_bits) or None,
                        "quant.learned": opts.learned or None, "quant.integer": opts.integer or None, "quant.freeze_ranges_after": opts.freeze_ranges_after,
-                       "quant.scale_bits": opts.scale_bits}
+                       "quant.scale_bits": opts.scale_bits, "quant.tensor_bits": opts.tensor_bits,
+                       "quant.gate_bits": opts.gate_bits, "quant.hidden_bits": opts.hidden_bits}
         for name, value in unsupported.items():
             if value is not None:
                 raise ConfigError(f"{name}={value} is not allowed with quant.method={self.name}: tfmot cannot do it "
@@ -64,6 +66,8 @@ class QatTfmot(Recipe):
         summary["quant/levels_ok"] = bool(levels_ok)
         # tfmot keeps float shadow weights: the deployable size is b bits per quantized weight, float32 biases.
         summary["quant/size_bytes"] = int(np.ceil(n_bits * bits.bits / 8) + 4 * n_float)
+        summary.update(predict_run_model(model, qmodel, feats, opts.quant_config(bits), ctx.predict, ctx.seed,
+                                         QAT_VALIDATED, str(ctx.run_dir / PREDICT_MARGINS_FILE)))
         return RecipeResult(qmodel, summary)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Dict
 import numpy as np
 
 from qat.algorithms.calibration import calibrate_in_order, calibration_clips
+from qat.algorithms.predict import PREDICT_MARGINS_FILE, TFLITE_VALIDATED, predict_run_model
 from qat.algorithms.report import REPORT_COLUMNS, report_rows, report_summary, weight_report
 from qat.checks import Checked, Flag, Integer, Number, setting
 from qat.data.augment import training_data
@@ -27,9 +28,9 @@ from qat.errors import ConfigError
 from qat.export.tflite import TFLiteModel
 from qat.export.tflite_trained import TFLiteStream, streaming_tflite, trained_tflite
 from qat.io import write_bytes
-from qat.layers.model import freeze_ranges
+from qat.layers.model import QuantConfig, freeze_ranges
 from qat.layers.tflite_int8 import MAX_BITS, TFLITE_TOPOLOGY, TfliteScheme, check_tflite_model, folded_float_model, \
-    tflite_twin, twin_layers
+    logits_model, tflite_twin, twin_layers
 from qat.metrics import predict_classes
 from qat.quant.spec import ESTIMATOR, PERCENTILE
 from qat.recipes.base import BitWidths, Recipe, RecipeContext, RecipeResult, register
@@ -71,6 +72,11 @@ def tflite_result(ctx: RecipeContext, twin, calib: np.ndarray, opts: TfliteTrain
     """Freeze the twin, report its weights against the folded float model, write the .tflite files
     and evaluate them through the interpreter (module doc)."""
     freeze_ranges(twin)
+    # the noise model's shape: the scheme's per-gate weight grids, seen as per-tensor grids of the
+    # float model's weights (normalisation unfolded)
+    summary.update(predict_run_model(ctx.float_model, logits_model(twin), ctx.feats,
+                                     QuantConfig(weights=opts.scheme(ctx.bits).weight_spec(per_channel=False)),
+                                     ctx.predict, ctx.seed, TFLITE_VALIDATED, str(ctx.run_dir / PREDICT_MARGINS_FILE)))
     report = weight_report(folded_float_model(ctx.float_model), twin)
     summary.update(report_summary(report, twin))
     ctx.tracker.table("quant/weight_error", REPORT_COLUMNS, report_rows(report))
