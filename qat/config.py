@@ -13,9 +13,11 @@ The W&B run of a failed job is marked failed (qat.tracking.Tracker.scope).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
+import shlex
 import shutil
 import signal
 import sys
@@ -104,7 +106,22 @@ def saved_config(run_dir: str) -> Dict[str, Any]:
     missing = [k for k in TRAIN_SECTIONS if not isinstance(config, dict) or k not in config]
     if missing:
         raise DataError(f"{path} is not a train.py config: it lacks {', '.join(missing)}")
-    return config
+    return with_options_added_since(config)
+
+
+# Recipe options added after runs were saved without them, with the value that reproduces what
+# those runs did: an older run folder still evaluates.
+OPTIONS_ADDED = {"tensor_bits": None, "gate_bits": None, "hidden_bits": None}
+
+
+def with_options_added_since(config: Dict[str, Any]) -> Dict[str, Any]:
+    """`config` (a saved train.py config) with every option in OPTIONS_ADDED that its recipe has and
+    it lacks set to the value its run used."""
+    quant = config.get("quant")
+    if not isinstance(quant, dict) or quant.get("method") not in recipes.RECIPES:
+        return config
+    fields = {f.name for f in dataclasses.fields(recipes.recipe_named(quant["method"]).options_type)}
+    return {**config, "quant": {**{k: v for k, v in OPTIONS_ADDED.items() if k in fields}, **quant}}
 
 
 # what a proposal's command sets; the run's own overrides of these are dropped
@@ -150,23 +167,24 @@ def proposal_overrides(cfg, names) -> list:
 
 
 def proposal_command(run_dir: str, cfg, names) -> str:
-    """The train.py command that runs a proposal on a finished run's data, model and seed: the run's
-    own overrides (`.hydra/overrides.yaml`) but its quantization, then `proposal_overrides`."""
+    """The train.py command (shell-quoted) that runs a proposal on a finished run's data, model and
+    seed: the run's own overrides (`.hydra/overrides.yaml`) but its quantization, then
+    `proposal_overrides`."""
     path = Path(run_dir) / ".hydra" / "overrides.yaml"
     own = [str(o) for o in OmegaConf.load(path)] if path.exists() else []
     kept = [o for o in own if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0] not in PROPOSAL_KEYS]
-    return "python train.py " + " ".join(kept + proposal_overrides(cfg, names))
+    return "python train.py " + " ".join(shlex.quote(o) for o in kept + proposal_overrides(cfg, names))
 
 
 def proposal_commands(run_dir: str, result: Mapping[str, Any]) -> str:
-    """Text: the command of each proposal in a qat.algorithms.proposal.predict_run result ("" if none)."""
+    """Text to follow a predict_run report: the command of each proposal in its result ("" if none)."""
     lines = []
     for title, prop, names in (("weights-only", result.get("proposal"), "bits"),
                                ("weights and activation parts", result.get("part_proposal"), "weights")):
         if prop is not None:
-            lines += ["", f"run the {title} proposal:", "  " + proposal_command(run_dir, prop.config,
-                                                                                 getattr(prop, names))]
-    return "\n".join(lines)
+            lines += ["", f"run the {title} proposal:",
+                      "  " + proposal_command(run_dir, prop.config, getattr(prop, names))]
+    return "\n" + "\n".join(lines) if lines else ""
 
 
 def _job_log(level: int, message: str, exc_info=None) -> None:

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from qat.algorithms.predict import PredictSpec
-from qat.config import logger_spec, proposal_command, proposal_overrides, run_spec
+from qat.config import OPTIONS_ADDED, logger_spec, proposal_command, proposal_overrides, run_spec, saved_config
 from qat.data.datasets import DataSpec
 from qat.data.features import FeatureSpec
 from qat.errors import ConfigError
@@ -175,6 +175,18 @@ def test_tensor_gate_and_hidden_bits_reach_the_quant_config():
     assert cfg.inputs is None and cfg.gates.bits == 4 and cfg.quantizes_activations
 
 
+@pytest.mark.parametrize("preset", ["qat", "ptq", "ptq_tflite"])
+def test_a_run_saved_before_an_option_existed_still_evaluates(preset, tmp_path):
+    """A run folder whose saved config predates options in OPTIONS_ADDED reads as the run it was."""
+    cfg = composed(f"quant={preset}", "bits=3")
+    older = copy.deepcopy(cfg)
+    for key in OPTIONS_ADDED:
+        older["quant"].pop(key, None)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(older), tmp_path / ".hydra" / "config.yaml")
+    assert run_spec(saved_config(str(tmp_path))) == run_spec(cfg)
+
+
 LSTM_TENSORS = ["lstm/kernel", "lstm/recurrent_kernel", "lstm/bias", "dense/kernel", "dense/bias"]
 
 
@@ -214,6 +226,7 @@ def test_a_proposals_command_keeps_the_runs_data_model_and_seed(tmp_path):
                                      "quant.epochs=3", "hydra.run.dir=somewhere"]), tmp_path / ".hydra" / "overrides.yaml")
     cmd = proposal_command(str(tmp_path), _proposal(True), LSTM_TENSORS)
     assert cmd.startswith("python train.py data=fsdd model.units=32 seed=2 bits=3 quant=ptq_seed ")
+    assert " 'quant.tensor_bits={lstm/kernel:5,lstm/recurrent_kernel:4,lstm/bias:8,dense/bias:8}' " in cmd
     assert not any(k in cmd for k in ("quant=qat", "quant.epochs", "hydra.run.dir", "act_bits=4", "bits=2"))
 
 

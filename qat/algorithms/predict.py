@@ -448,8 +448,8 @@ class ValidatedRange:
 
 
 PTQ_VALIDATED = ValidatedRange("ptq", (3, 8), act_bits=8, state_bits=4)
-QAT_VALIDATED = ValidatedRange("qat", None)
-TFLITE_VALIDATED = ValidatedRange("ptq_tflite / qat_tflite", None)
+QAT_VALIDATED = ValidatedRange("qat", (3, 8))                 # weights only
+PTQ_TFLITE_VALIDATED = ValidatedRange("ptq_tflite", (3, 8))   # its grids are TFLite's: no act / state options
 # The softmax temperature of the flip values in a run's prediction: the model's own confidence. A
 # temperature fitted on the calibration labels (`margin_temperature`) predicted worse on the
 # selection subset (seed 0 of the benchmark grid, BENCHMARKS.md).

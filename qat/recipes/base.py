@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Type
 import numpy as np
 
 from qat.algorithms.calibration import calibration_clips
-from qat.algorithms.predict import PredictSpec
+from qat.algorithms.predict import PredictSpec, ValidatedRange
 from qat.algorithms.report import REPORT_COLUMNS, report_rows, report_summary, weight_report
 from qat.checks import Bits, Checked, Flag, Integer, MappingOf, Nullable, OneOf, setting
 from qat.data.datasets import DataSpec
@@ -212,12 +212,14 @@ class RecipeResult:
 
 class Recipe:
     """A quantization recipe (see the module doc). Subclasses set `options_type`, implement `run`, and
-    add rules across options and bit-widths in `check`."""
+    add rules across options and bit-widths in `check`. `validated`: where the predictions of its
+    runs' drops were measured (qat.algorithms.predict.ValidatedRange; default: nowhere)."""
 
     options_type: ClassVar[Type[Checked]] = NoOptions
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, validated: Optional[ValidatedRange] = None):
         self.name = name
+        self.validated = validated or ValidatedRange(name, None)
 
     def options(self, values: Mapping[str, Any], bits: BitWidths):
         """The recipe's typed options from the `quant` section (without `method`), checked."""

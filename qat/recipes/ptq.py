@@ -96,9 +96,9 @@ class Ptq(Recipe):
         # The predicted drop (float and quantized model on calibration clips, never test) sits next
         # to the measured one.
         summary.update(predict_run_model(model, qmodel, feats, opts.quant_config(bits), ctx.predict, ctx.seed,
-                                         PTQ_VALIDATED, str(ctx.run_dir / PREDICT_MARGINS_FILE)))
+                                         self.validated, str(ctx.run_dir / PREDICT_MARGINS_FILE)))
         return quantized_result(ctx, qmodel, opts.integer, summary)
 
 
-register(Ptq("ptq"))
+register(Ptq("ptq", PTQ_VALIDATED))
 register(Ptq("ptq_seed"))

@@ -142,11 +142,11 @@ class Qat(Recipe):
                                    "qat/learning_rate": learning_rate, "qat/sec_per_epoch": float(np.median(seconds)),
                                    "qat/stages": stages, "qat/learned": opts.learned,
                                    "qat/best_epoch": history[-1]["best_epoch"],
-                                   **predict_run_model(model, qmodel, feats, cfg, ctx.predict, ctx.seed, QAT_VALIDATED,
+                                   **predict_run_model(model, qmodel, feats, cfg, ctx.predict, ctx.seed, self.validated,
                                                        str(ctx.run_dir / PREDICT_MARGINS_FILE))}
         return quantized_result(ctx, qmodel, opts.integer, summary, lambda path: {
             "qat/packed_matches": packed_predictions_match(qmodel, model, cfg, path, feats.x["test"])})
 
 
-register(Qat("qat"))
+register(Qat("qat", QAT_VALIDATED))
 register(Qat("qat_lsq"))

@@ -8,7 +8,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from qat.algorithms.predict import PREDICT_MARGINS_FILE, QAT_VALIDATED, predict_run_model
+from qat.algorithms.predict import PREDICT_MARGINS_FILE, predict_run_model
 from qat.algorithms.report import max_levels
 from qat.data.augment import training_data
 from qat.errors import ConfigError
@@ -67,7 +67,7 @@ class QatTfmot(Recipe):
         # tfmot keeps float shadow weights: the deployable size is b bits per quantized weight, float32 biases.
         summary["quant/size_bytes"] = int(np.ceil(n_bits * bits.bits / 8) + 4 * n_float)
         summary.update(predict_run_model(model, qmodel, feats, opts.quant_config(bits), ctx.predict, ctx.seed,
-                                         QAT_VALIDATED, str(ctx.run_dir / PREDICT_MARGINS_FILE)))
+                                         self.validated, str(ctx.run_dir / PREDICT_MARGINS_FILE)))
         return RecipeResult(qmodel, summary)
 
 

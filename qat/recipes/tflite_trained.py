@@ -20,7 +20,7 @@ from typing import Any, Dict
 import numpy as np
 
 from qat.algorithms.calibration import calibrate_in_order, calibration_clips
-from qat.algorithms.predict import PREDICT_MARGINS_FILE, TFLITE_VALIDATED, predict_run_model
+from qat.algorithms.predict import PREDICT_MARGINS_FILE, PTQ_TFLITE_VALIDATED, ValidatedRange, predict_run_model
 from qat.algorithms.report import REPORT_COLUMNS, report_rows, report_summary, weight_report
 from qat.checks import Checked, Flag, Integer, Number, setting
 from qat.data.augment import training_data
@@ -68,15 +68,16 @@ class QatTfliteOptions(TfliteTrainedOptions):
 
 
 def tflite_result(ctx: RecipeContext, twin, calib: np.ndarray, opts: TfliteTrainedOptions,
-                  summary: Dict[str, Any]) -> RecipeResult:
-    """Freeze the twin, report its weights against the folded float model, write the .tflite files
-    and evaluate them through the interpreter (module doc)."""
+                  summary: Dict[str, Any], validated: ValidatedRange) -> RecipeResult:
+    """Freeze the twin, predict its drop (`validated`: where the recipe's predictions were measured),
+    report its weights against the folded float model, write the .tflite files and evaluate them
+    through the interpreter (module doc)."""
     freeze_ranges(twin)
     # the noise model's shape: the scheme's per-gate weight grids, seen as per-tensor grids of the
     # float model's weights (normalisation unfolded)
     summary.update(predict_run_model(ctx.float_model, logits_model(twin), ctx.feats,
                                      QuantConfig(weights=opts.scheme(ctx.bits).weight_spec(per_channel=False)),
-                                     ctx.predict, ctx.seed, TFLITE_VALIDATED, str(ctx.run_dir / PREDICT_MARGINS_FILE)))
+                                     ctx.predict, ctx.seed, validated, str(ctx.run_dir / PREDICT_MARGINS_FILE)))
     report = weight_report(folded_float_model(ctx.float_model), twin)
     summary.update(report_summary(report, twin))
     ctx.tracker.table("quant/weight_error", REPORT_COLUMNS, report_rows(report))
@@ -144,7 +145,7 @@ class PtqTflite(Recipe):
 
     def run(self, ctx: RecipeContext, opts: TfliteTrainedOptions) -> RecipeResult:
         twin, calib = self.twin(ctx, opts)
-        return tflite_result(ctx, twin, calib, opts, {"quant/calibration_clips": len(calib)})
+        return tflite_result(ctx, twin, calib, opts, {"quant/calibration_clips": len(calib)}, self.validated)
 
 
 class QatTflite(PtqTflite):
@@ -164,8 +165,8 @@ class QatTflite(PtqTflite):
         summary = {"quant/calibration_clips": len(calib), "qat/epochs": result["epochs"], "qat/max_epochs": opts.epochs,
                    "qat/learning_rate": opts.learning_rate, "qat/sec_per_epoch": result["sec_per_epoch"],
                    "qat/best_epoch": result["best_epoch"]}
-        return tflite_result(ctx, twin, calib, opts, summary)
+        return tflite_result(ctx, twin, calib, opts, summary, self.validated)
 
 
-register(PtqTflite("ptq_tflite"))
+register(PtqTflite("ptq_tflite", PTQ_TFLITE_VALIDATED))
 register(QatTflite("qat_tflite"))
