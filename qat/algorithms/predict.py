@@ -448,6 +448,7 @@ class ValidatedRange:
 
 
 PTQ_VALIDATED = ValidatedRange("ptq", (3, 8), act_bits=8, state_bits=4)
+PTQ_SEED_VALIDATED = ValidatedRange("ptq_seed", (3, 8))       # weights only
 QAT_VALIDATED = ValidatedRange("qat", (3, 8))                 # weights only
 PTQ_TFLITE_VALIDATED = ValidatedRange("ptq_tflite", (3, 8))   # its grids are TFLite's: no act / state options
 # The softmax temperature of the flip values in a run's prediction: the model's own confidence. A

@@ -19,7 +19,7 @@ import numpy as np
 from qat.algorithms.bias_correction import bias_correct
 from qat.algorithms.calibration import batches, calibrate, calibration_clips
 from qat.algorithms.gptq import gptq
-from qat.algorithms.predict import PREDICT_MARGINS_FILE, PTQ_VALIDATED, predict_run_model
+from qat.algorithms.predict import PREDICT_MARGINS_FILE, PTQ_SEED_VALIDATED, PTQ_VALIDATED, predict_run_model
 from qat.algorithms.rounding import refine_rounding
 from qat.checks import Flag, Integer, Number, setting
 from qat.layers.model import freeze_ranges, quantize_model
@@ -101,4 +101,4 @@ class Ptq(Recipe):
 
 
 register(Ptq("ptq", PTQ_VALIDATED))
-register(Ptq("ptq_seed"))
+register(Ptq("ptq_seed", PTQ_SEED_VALIDATED))
