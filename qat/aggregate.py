@@ -166,8 +166,8 @@ def markdown(rows: List[Dict[str, Any]], incomplete: List[str]) -> str:
     lines += predictor_check(rows)
     flagged = [r for r in rows if r["predict/outside_range"]]
     if flagged:
-        low, high = flagged[0]["predict/validated_bits"] or ("?", "?")
-        where = flagged[0]["predict/validated_range"] or f"{low}..{high} weight bits"
+        where = "; ".join(sorted({r["predict/validated_range"] or "{}..{} weight bits".format(
+            *(r["predict/validated_bits"] or ("?", "?"))) for r in flagged}))
         lines += ["", f"† a prediction outside the predictor's validated range ({where}): "
                       "large and uncertain, not a number to trust."]
     others = sorted({(r["recipe"], of) for r in rows if not math.isnan(r[f"{PREDICTED_OTHER}/mean"])

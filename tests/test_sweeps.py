@@ -112,6 +112,20 @@ def test_aggregate_tables_and_figure(tmp_path):
         assert p.stat().st_size > 1000
 
 
+def test_the_footnote_names_the_validated_range_of_every_recipe_it_flags(tmp_path):
+    ranges = {"ptq": "ptq: 3..8 weight bits, activations float or >= 8 bits, state float or >= 4 bits",
+              "qat_lsq": "not measured for qat_lsq"}
+    for i, (preset, bits) in enumerate([("ptq", 2), ("qat_lsq", 4), ("ptq", 4)]):
+        _fake_run(tmp_path, f"{i}", data="fsdd", task="fsdd", preset=preset, method=preset, bits=bits, act_bits=None,
+                  state_bits=None, seed=0, **{"quant/test_acc": 0.9, "float/test_acc": 0.95, "quant/degradation": 5.0,
+                                              "quant/size_bytes": 100, "predict/degradation": 1.0,
+                                              "predict/matches_run": True, "predict/in_validated_range": bits == 4
+                                              and preset == "ptq", "predict/validated_bits": None,
+                                              "predict/validated_range": ranges[preset], "predict/of": "its model"})
+    md = markdown(table(collect([str(tmp_path)]).runs), [])
+    assert f"† a prediction outside the predictor's validated range ({ranges['qat_lsq']}; {ranges['ptq']})" in md
+
+
 def test_predicted_drop_of_another_model_is_never_under_predicted(tmp_path):
     """A QAT row's prediction (its PTQ starting point) and a default-ptq row's (round to nearest, not
     the run's GPTQ + refinement) sit in their own column; a 2-bit prediction is marked as outside
