@@ -31,8 +31,8 @@ FIGURES = ("quant/test_acc", "quant/degradation", "float/test_acc", "quant/test_
 PREDICTED, PREDICTED_OTHER = "predict/degradation", "predict/other_model"
 BASELINES = ("quant/val_degradation", "quant/test_noise_sd")   # shown beside predictions only
 # columns shown where some run has the figure: (key, title, scale). The predicted drop of a run whose
-# model is not the predicted one (`predict/matches_run` false: e.g. QAT's PTQ starting point) is
-# shown apart from the predicted drop of the row's own model.
+# model is not the predicted one (`predict/matches_run` false: e.g. a QAT run saved by a version that
+# predicted its PTQ starting point) is shown apart from the predicted drop of the row's own model.
 OPTIONAL_COLUMNS = (("predict/degradation", "predicted drop (pts)", 1.0),
                     ("predict/other_model", "predicted drop of another model (pts)", 1.0),
                     ("quant/val_degradation", "val-measured drop (pts)", 1.0),

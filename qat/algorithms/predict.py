@@ -468,8 +468,8 @@ def predict_summary(float_model, feats, cfg: QuantConfig, spec: "PredictSpec", s
                     runs_predicted_model: bool, of: str = "") -> Dict[str, object]:
     """The `predict/*` summary keys of a run: `predict/degradation` (points) for the weights of
     `cfg` rounded to nearest, predicted from `spec.n_calib` labelled clips of `spec.calib`, and what
-    it means: `predict/of` (the predicted model in words, `of` first: e.g. "the PTQ starting point
-    of QAT"), `predict/matches_run` (the run's model is that model: `runs_predicted_model`, and no
+    it means: `predict/of` (the predicted model in words, `of` first: e.g. "the starting point of
+    a search"), `predict/matches_run` (the run's model is that model: `runs_predicted_model`, and no
     activation / state quantization, which is not modelled) and `predict/in_validated_range`
     (weights bits in VALIDATED_BITS). `predict/weights_only` is true when `cfg` quantizes
     activations or state (the prediction covers its weights only). Costs one gradient pass
