@@ -1,8 +1,8 @@
 """How well does a run's own prediction (`predict/degradation`, qat.algorithms.predict.predict_run_model)
 foresee its measured test drop? Reads the finished runs of one recipe (`--method`, default ptq) in
-multirun sweeps (their summary.json and the calibration margins each saved in predict_margins.npz) and prints markdown
-tables: the mean absolute error against the measured `quant/degradation` at bits 3..8 and at 2 bits,
-per data set and quantization config, beside the baselines predict-0 and val-measured (the drop the
+multirun sweeps (their summary.json and the calibration margins each saved in predict_margins.npz)
+and prints markdown tables: the mean absolute error against the measured `quant/degradation` at
+bits 3..8 and at 2 bits, per data set and quantization config, beside the baselines predict-0 and val-measured (the drop the
 quantized model shows on the whole validation split: the brute-force alternative), with the test
 set's own noise sd (from the clips that flip).
 

@@ -32,7 +32,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qat.algorithms.predict import PredictSpec
+from qat.algorithms.predict import PredictSpec, tensor_specs
 from qat.checks import Integer
 from qat.data.datasets import DataSpec
 from qat.data.features import FeatureSpec
@@ -128,16 +128,11 @@ def with_options_added_since(config: Dict[str, Any]) -> Dict[str, Any]:
 PROPOSAL_KEYS = ("quant", "bits", "act_bits", "state_bits", "hydra")
 
 
-def _resolved(cfg, name: str):
-    """The spec `cfg` gives the weight or bias `name`."""
-    return cfg.overrides.get(name, cfg.bias if name.endswith("/bias") else cfg.weights)
-
-
 def proposal_overrides(cfg, names) -> list:
     """train.py overrides that build `cfg` (a QuantConfig of qat.algorithms.proposal: round-to-nearest
     weights, bits per tensor over `names`, activation parts calibrated) with `quant=ptq_seed`, the
     recipe that quantizes as the proposal's verification does."""
-    bits = {n: _resolved(cfg, n).bits for n in names if _resolved(cfg, n) is not None}
+    bits = {n: spec.bits for n, spec in tensor_specs(names, cfg.weights_only()).items() if spec is not None}
     weight_bits = [b for n, b in bits.items() if not n.endswith("/bias")] or list(bits.values())
     top = max(sorted(set(weight_bits)), key=weight_bits.count)       # the most common kernel width
     w = cfg.weights
@@ -145,7 +140,7 @@ def proposal_overrides(cfg, names) -> list:
            f"quant.estimator={w.estimator}"]
     if w.scale_bits is not None:
         out.append(f"quant.scale_bits={w.scale_bits}")
-    if len(bits) < len(list(names)):
+    if len(bits) < len(names):
         out.append("quant.bias=false")
     others = {n: b for n, b in bits.items() if b != top}
     if others:

@@ -607,13 +607,12 @@ def expected_drop(float_margins: np.ndarray, variance: np.ndarray, fit: MarginFi
 def predict_run_model(float_model, qmodel, feats, cfg: QuantConfig, spec: "PredictSpec", seed: int,
                       validated: ValidatedRange, margins_file: Optional[str] = None) -> Dict[str, object]:
     """The `predict/*` summary keys for the model a run actually evaluates (`qmodel`, or a model of
-    its logits: whatever
-    rounding, GPTQ, refinement, bias correction, activation, gate and state grids it has), before
-    any test clip is seen: the round-to-nearest noise model of the float model (`predict_summary`)
-    gives each calibration margin its spread, one pass of `qmodel` over the same calibration
-    clips fits how much it actually shrinks and spreads them (`MarginFit`), and the drop is the
-    accuracy the float model, by its own softmax confidence, expects to lose to the decisions
-    that fit flips (`expected_drop`).
+    its logits: whatever rounding, GPTQ, refinement, bias correction, activation, gate and state
+    grids it has), before any test clip is seen: the round-to-nearest noise model of the float
+    model (`predict_summary`) gives each calibration margin its spread, one pass of `qmodel` over
+    the same calibration clips fits how much it actually shrinks and spreads them (`MarginFit`),
+    and the drop is the accuracy the float model, by its own softmax confidence, expects to lose to
+    the decisions that fit flips (`expected_drop`).
 
     `predict/rtn_degradation` keeps the float-model-only prediction (round-to-nearest weights).
     A model the gradient pass cannot follow gets the same fit with equal spread for every margin

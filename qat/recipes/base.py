@@ -27,7 +27,7 @@ from qat.export.c_source import export_c
 from qat.export.integer import IntegerModel, integer_inputs, integer_summary
 from qat.export.packed import write_packed_model
 from qat.export.tflite import tflite_model
-from qat.layers.model import INTEGER_TOPOLOGY, QuantConfig, integer_modes, quantized_weights, weight_tensor_names
+from qat.layers.model import INTEGER_TOPOLOGY, QuantConfig, integer_modes, quantized_layers, weight_tensor_names
 from qat.quant.integer import ACT_BITS, STATE_BITS
 from qat.quant.quantizers import RANGE, Strategy
 from qat.quant.scale_codes import SCALE_BITS
@@ -104,9 +104,8 @@ class QuantOptions(Checked):
                  "quant.hidden_bits": self.hidden_bits}
         for name, value in mixed.items():
             if value is not None:
-                raise ConfigError(f"{name}={value} is not allowed with quant.integer=true: expected "
-                                  "null (the integer kernel holds "
-                                  "every weight at `bits`, gates and h at act_bits)")
+                raise ConfigError(f"{name}={value} is not allowed with quant.integer=true: expected null (the "
+                                  "integer kernel holds every weight at `bits`, gates and h at act_bits)")
         if bits.act_bits is None:
             raise ConfigError("quant.integer=true needs act_bits: expected act_bits=2..8 (the integer kernel's "
                               "inputs, gates and hidden state)")
@@ -159,7 +158,8 @@ def integer_results(ctx: "RecipeContext", qmodel, packed: Path) -> Dict[str, Any
 def size_limit_bytes(qmodel, params: int, bits: int) -> int:
     """The physical limit of a model's weights: each quantized tensor's values at its own bits, every
     other parameter at `bits`, nothing else."""
-    sizes = [(int(np.size(q.codes)), q.spec.bits) for q in quantized_weights(qmodel).values()]
+    sizes = [(int(np.prod(getattr(layer, name).shape)), q.spec.bits)
+             for layer in quantized_layers(qmodel) for name, q in layer.weight_quantizers.items()]
     total = sum(n * b for n, b in sizes) + (params - sum(n for n, _ in sizes)) * bits
     return -(-total // 8)
 

@@ -90,12 +90,13 @@ class Ptq(Recipe):
         if opts.refine_epochs:
             refined = refine_rounding(model, qmodel, calib, opts.refine_epochs, opts.refine_learning_rate, ctx.seed)
             summary.update({f"ptq/refine/{k}": v for k, v in refined.items()})
-        if opts.quant_config(bits).quantizes_activations:
+        cfg = opts.quant_config(bits)
+        if cfg.quantizes_activations:
             calibrate(qmodel, batches(calib))
         freeze_ranges(qmodel)          # the evaluated model is the deployable one (see export)
         # The predicted drop (float and quantized model on calibration clips, never test) sits next
         # to the measured one.
-        summary.update(predict_run_model(model, qmodel, feats, opts.quant_config(bits), ctx.predict, ctx.seed,
+        summary.update(predict_run_model(model, qmodel, feats, cfg, ctx.predict, ctx.seed,
                                          self.validated, str(ctx.run_dir / PREDICT_MARGINS_FILE)))
         return quantized_result(ctx, qmodel, opts.integer, summary)
 
